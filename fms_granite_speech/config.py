@@ -1,0 +1,441 @@
+"""Typed configuration of Granite Speech on FMS: encoder, projector and decoder, with named variants.
+
+Three named variants:
+
+* ``tiny``: the real depth (16 Conformer blocks, 2 Q-Former layers) with small widths, so every layer name of the
+  real model exists and a CPU runs it in well under a second. Every dimension differs from every other one it
+  meets (``num_heads * dim_head != hidden_dim``, ``output_dim`` odd, distinct projector and decoder widths), so a
+  transposed or mis-split weight cannot pass a parity test by accident, and ``context_size`` (32 encoder frames,
+  0.64 s) is shorter than any shipped clip, so blocked attention and its padding are always exercised.
+* ``3.3-2b`` and ``3.3-8b``: the architecture of ``ibm-granite/granite-speech-3.3-{2b,8b}`` (sizes from
+  ../shared/REFERENCE.md, section 1).
+
+A config converts to and from transformers' ``GraniteSpeechConfig`` (``to_hf`` / ``from_hf``); the decoder part is
+FMS's own ``GraniteConfig`` so the decoder is ``fms.models.granite.Granite`` unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fms.models.granite import GraniteConfig
+from fms.utils.config import ModelConfig
+
+
+@dataclass
+class EncoderConfig(ModelConfig):
+    """Conformer CTC encoder. Widths in features; ``context_size`` in encoder frames (1 frame = 20 ms)."""
+
+    input_dim: int = 160
+    num_layers: int = 16
+    hidden_dim: int = 1024
+    feedforward_mult: int = 4
+    num_heads: int = 8
+    dim_head: int = 128
+    output_dim: int = 256
+    context_size: int = 200
+    max_pos_emb: int = 512
+    conv_kernel_size: int = 15
+    conv_expansion_factor: int = 2
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if not 0 < self.context_size <= self.max_pos_emb:
+            raise ValueError(
+                f"context_size={self.context_size} must be in (0, max_pos_emb={self.max_pos_emb}]: the Shaw "
+                "relative-position table has 2*max_pos_emb+1 rows and distances are clamped to +-context_size"
+            )
+        if self.num_layers < 2:
+            raise ValueError(f"num_layers={self.num_layers}: the mid-layer CTC residual needs at least 2 blocks")
+
+    @property
+    def mid_layer(self) -> int:
+        """0-based index of the block after which the CTC residual is added (HF: ``num_layers // 2`` 1-based)."""
+        return self.num_layers // 2 - 1
+
+
+@dataclass
+class ProjectorConfig(ModelConfig):
+    """Windowed Q-Former projector: ``window_size`` encoder frames become ``window_size // downsample_rate`` queries."""
+
+    hidden_size: int = 1024
+    num_layers: int = 2
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    encoder_hidden_size: int = 1024
+    cross_attention_frequency: int = 1
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    window_size: int = 15
+    downsample_rate: int = 5
+
+    def __post_init__(self):
+        if self.window_size % self.downsample_rate:
+            raise ValueError(
+                f"window_size={self.window_size} must be a multiple of downsample_rate={self.downsample_rate}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"projector hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+
+    @property
+    def num_queries(self) -> int:
+        """Learnable queries per window (3 for the real model: 15 frames -> 3 tokens, 10 tokens per second)."""
+        return self.window_size // self.downsample_rate
+
+
+@dataclass
+class LoRAConfig(ModelConfig):
+    """The audio LoRA adapter of the decoder (peft's ``adapter_config.json``): scale is ``alpha / rank``."""
+
+    rank: int = 64
+    alpha: float = 32.0
+    target_modules: tuple = ("q_proj", "v_proj")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class GraniteSpeechConfig(ModelConfig):
+    """Whole model: encoder -> projector -> FMS Granite decoder, audio merged at ``audio_token_index`` positions.
+
+    ``lora`` is None for a checkpoint without an adapter. ``decoder`` is an ``fms.models.granite.GraniteConfig``.
+    """
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    decoder: GraniteConfig = field(default_factory=GraniteConfig)
+    lora: Optional[LoRAConfig] = field(default_factory=LoRAConfig)
+    audio_token_index: int = 49159
+
+    def __post_init__(self):
+        if self.projector.encoder_hidden_size != self.encoder.hidden_dim:
+            raise ValueError(
+                f"projector.encoder_hidden_size={self.projector.encoder_hidden_size} must equal "
+                f"encoder.hidden_dim={self.encoder.hidden_dim}"
+            )
+        if not 0 <= self.audio_token_index < self.decoder.src_vocab_size:
+            raise ValueError(
+                f"audio_token_index={self.audio_token_index} is outside the decoder vocabulary "
+                f"(src_vocab_size={self.decoder.src_vocab_size})"
+            )
+
+    # -- conversion to / from transformers -------------------------------------------------------------------------
+
+    def to_hf(self):
+        """Return the equivalent ``transformers.GraniteSpeechConfig`` (eval-mode dropout values kept at HF defaults)."""
+        from transformers import GraniteSpeechConfig as HFConfig
+
+        e, p, d = self.encoder, self.projector, self.decoder
+        ffn = _decoder_ffn_dim(d)
+        text_config = dict(
+            model_type="granite",
+            vocab_size=d.src_vocab_size,
+            hidden_size=d.emb_dim,
+            intermediate_size=ffn,
+            num_hidden_layers=d.nlayers,
+            num_attention_heads=d.nheads,
+            num_key_value_heads=d.kvheads or d.nheads,
+            head_dim=d.head_dim,
+            rms_norm_eps=d.norm_eps,
+            max_position_embeddings=d.max_expected_seq_len,
+            rope_parameters={"rope_type": "default", "rope_theta": float(d.rope_theta)},
+            tie_word_embeddings=d.tie_heads,
+            embedding_multiplier=d.embedding_multiplier,
+            residual_multiplier=d.residual_multiplier,
+            attention_multiplier=d.attention_multiplier,
+            logits_scaling=d.logits_scaling,
+            pad_token_id=d.pad_id if d.pad_id >= 0 else None,
+        )
+        encoder_config = dict(
+            input_dim=e.input_dim,
+            num_layers=e.num_layers,
+            hidden_dim=e.hidden_dim,
+            feedforward_mult=e.feedforward_mult,
+            num_heads=e.num_heads,
+            dim_head=e.dim_head,
+            output_dim=e.output_dim,
+            context_size=e.context_size,
+            max_pos_emb=e.max_pos_emb,
+            conv_kernel_size=e.conv_kernel_size,
+            conv_expansion_factor=e.conv_expansion_factor,
+        )
+        projector_config = dict(
+            model_type="blip_2_qformer",
+            hidden_size=p.hidden_size,
+            num_hidden_layers=p.num_layers,
+            num_attention_heads=p.num_heads,
+            intermediate_size=p.intermediate_size,
+            encoder_hidden_size=p.encoder_hidden_size,
+            cross_attention_frequency=p.cross_attention_frequency,
+            hidden_act=p.hidden_act,
+            layer_norm_eps=p.layer_norm_eps,
+        )
+        return HFConfig(
+            text_config=text_config,
+            encoder_config=encoder_config,
+            projector_config=projector_config,
+            audio_token_index=self.audio_token_index,
+            has_lora_adapter=self.lora is not None,
+            window_size=p.window_size,
+            downsample_rate=p.downsample_rate,
+            tie_word_embeddings=d.tie_heads,
+        )
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, lora: Optional[LoRAConfig] = None) -> "GraniteSpeechConfig":
+        """Build from a ``transformers.GraniteSpeechConfig`` (or its ``to_dict()``).
+
+        ``lora`` comes from the checkpoint's ``adapter_config.json`` (see ``checkpoint.read_lora_config``); None means
+        no adapter.
+
+        Raises:
+            ValueError: the config is not a Granite Speech config, or uses a feature this port does not implement
+                (a non-"default" RoPE type, attention/MLP biases in the decoder, ``use_qformer_text_input``).
+        """
+        from transformers import GraniteSpeechConfig as HFConfig
+
+        if isinstance(hf_config, dict):
+            hf_config = HFConfig(**{k: v for k, v in hf_config.items() if k != "model_type"})
+        if getattr(hf_config, "model_type", None) != "granite_speech":
+            raise ValueError(f"expected a granite_speech config, got model_type={hf_config.model_type!r}")
+        t, ec, pc = hf_config.text_config, hf_config.encoder_config, hf_config.projector_config
+        rope = dict(getattr(t, "rope_parameters", None) or {})
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"decoder RoPE type {rope.get('rope_type')!r} is not supported (only 'default')")
+        if getattr(t, "attention_bias", False) or getattr(t, "mlp_bias", False):
+            raise ValueError("decoder attention_bias / mlp_bias are not supported by this port")
+        if getattr(pc, "use_qformer_text_input", False):
+            raise ValueError("projector use_qformer_text_input=True is not supported by this port")
+        head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+        decoder = _granite_config(
+            vocab=t.vocab_size,
+            dim=t.hidden_size,
+            layers=t.num_hidden_layers,
+            heads=t.num_attention_heads,
+            kv_heads=t.num_key_value_heads or t.num_attention_heads,
+            head_dim=head_dim,
+            ffn=t.intermediate_size,
+            rope_theta=float(rope.get("rope_theta", getattr(t, "rope_theta", 10_000.0))),
+            max_seq_len=t.max_position_embeddings,
+            norm_eps=t.rms_norm_eps,
+            embedding_multiplier=t.embedding_multiplier,
+            residual_multiplier=t.residual_multiplier,
+            attention_multiplier=t.attention_multiplier,
+            logits_scaling=t.logits_scaling,
+            tie=bool(getattr(hf_config, "tie_word_embeddings", True) and getattr(t, "tie_word_embeddings", True)),
+            pad_id=t.pad_token_id if t.pad_token_id is not None else -1,
+        )
+        return cls(
+            encoder=EncoderConfig(
+                input_dim=ec.input_dim,
+                num_layers=ec.num_layers,
+                hidden_dim=ec.hidden_dim,
+                feedforward_mult=ec.feedforward_mult,
+                num_heads=ec.num_heads,
+                dim_head=ec.dim_head,
+                output_dim=ec.output_dim,
+                context_size=ec.context_size,
+                max_pos_emb=ec.max_pos_emb,
+                conv_kernel_size=ec.conv_kernel_size,
+                conv_expansion_factor=ec.conv_expansion_factor,
+            ),
+            projector=ProjectorConfig(
+                hidden_size=pc.hidden_size,
+                num_layers=pc.num_hidden_layers,
+                num_heads=pc.num_attention_heads,
+                intermediate_size=pc.intermediate_size,
+                encoder_hidden_size=pc.encoder_hidden_size,
+                cross_attention_frequency=pc.cross_attention_frequency,
+                hidden_act=pc.hidden_act,
+                layer_norm_eps=pc.layer_norm_eps,
+                window_size=hf_config.window_size,
+                downsample_rate=hf_config.downsample_rate,
+            ),
+            decoder=decoder,
+            lora=lora if hf_config.has_lora_adapter else None,
+            audio_token_index=hf_config.audio_token_index,
+        )
+
+    def replace(self, **changes) -> "GraniteSpeechConfig":
+        """A copy with top-level fields replaced (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _decoder_ffn_dim(d: GraniteConfig) -> int:
+    """FMS's GatedLinearUnit width: ``int(hidden_grow_factor * emb_dim)`` rounded up to ``multiple_of``."""
+    hidden = int(d.hidden_grow_factor * d.emb_dim)
+    if d.multiple_of:
+        hidden = d.multiple_of * ((hidden + d.multiple_of - 1) // d.multiple_of)
+    return hidden
+
+
+def _granite_config(
+    *,
+    vocab: int,
+    dim: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    ffn: int,
+    rope_theta: float,
+    max_seq_len: int,
+    norm_eps: float,
+    embedding_multiplier: float,
+    residual_multiplier: float,
+    attention_multiplier: float,
+    logits_scaling: float,
+    tie: bool,
+    pad_id: int = -1,
+) -> GraniteConfig:
+    """An FMS ``GraniteConfig`` whose MLP width is exactly ``ffn``.
+
+    FMS derives the width as ``int(hidden_grow_factor * emb_dim)`` rounded up to ``multiple_of``; float rounding can
+    land one below ``ffn`` (e.g. 136/56*56 = 135.99..), so ``multiple_of`` is chosen as a divisor of ``ffn`` that
+    makes the round-up land exactly on it.
+    """
+    multiple_of = next(m for m in (256, 64, 8, 1) if ffn % m == 0)
+    cfg = GraniteConfig(
+        src_vocab_size=vocab,
+        emb_dim=dim,
+        norm_eps=norm_eps,
+        nheads=heads,
+        kvheads=kv_heads,
+        head_dim=head_dim,
+        nlayers=layers,
+        pad_id=pad_id,
+        hidden_grow_factor=ffn / dim,
+        multiple_of=multiple_of,
+        max_expected_seq_len=max_seq_len,
+        rope_theta=rope_theta,
+        p_dropout=0.0,
+        tie_heads=tie,
+        embedding_multiplier=embedding_multiplier,
+        residual_multiplier=residual_multiplier,
+        attention_multiplier=attention_multiplier,
+        logits_scaling=logits_scaling,
+    )
+    if _decoder_ffn_dim(cfg) != ffn:
+        raise ValueError(f"cannot express decoder intermediate_size={ffn} as an FMS GraniteConfig")
+    return cfg
+
+
+# -- named variants -------------------------------------------------------------------------------------------------
+
+_TINY = GraniteSpeechConfig(
+    encoder=EncoderConfig(
+        input_dim=160,
+        num_layers=16,
+        hidden_dim=44,
+        feedforward_mult=4,
+        num_heads=3,
+        dim_head=20,
+        output_dim=29,
+        context_size=32,
+        max_pos_emb=40,
+        conv_kernel_size=15,
+        conv_expansion_factor=2,
+    ),
+    projector=ProjectorConfig(
+        hidden_size=40,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=72,
+        encoder_hidden_size=44,
+        cross_attention_frequency=1,
+        window_size=15,
+        downsample_rate=5,
+    ),
+    decoder=_granite_config(
+        vocab=211,
+        dim=56,
+        layers=4,
+        heads=4,
+        kv_heads=2,
+        head_dim=14,
+        ffn=136,
+        rope_theta=10_000.0,
+        max_seq_len=1024,
+        norm_eps=1e-5,
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.07,
+        logits_scaling=8.0,
+        tie=True,
+        pad_id=0,
+    ),
+    lora=LoRAConfig(rank=4, alpha=6.0),
+    audio_token_index=210,
+)
+
+_SPEECH_ENCODER = EncoderConfig()  # the real encoder: 16 x 1024, 8 heads x 128, context 200, CTC 256
+_SPEECH_PROJECTOR = ProjectorConfig()
+
+_2B = GraniteSpeechConfig(
+    encoder=_SPEECH_ENCODER,
+    projector=_SPEECH_PROJECTOR,
+    decoder=_granite_config(
+        vocab=49160,
+        dim=2048,
+        layers=40,
+        heads=32,
+        kv_heads=8,
+        head_dim=64,
+        ffn=8192,
+        rope_theta=10_000_000.0,
+        max_seq_len=131072,
+        norm_eps=1e-5,
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.015625,
+        logits_scaling=8.0,
+        tie=True,
+        pad_id=0,
+    ),
+    lora=LoRAConfig(rank=64, alpha=32.0),
+    audio_token_index=49159,
+)
+
+_8B = _2B.replace(
+    decoder=_granite_config(
+        vocab=49160,
+        dim=4096,
+        layers=40,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        ffn=12800,
+        rope_theta=10_000_000.0,
+        max_seq_len=131072,
+        norm_eps=1e-5,
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.0078125,
+        logits_scaling=16.0,
+        tie=True,
+        pad_id=0,
+    )
+)
+
+VARIANTS: dict[str, GraniteSpeechConfig] = {"tiny": _TINY, "3.3-2b": _2B, "3.3-8b": _8B}
+
+
+def get_config(variant: str) -> GraniteSpeechConfig:
+    """A fresh copy of a named variant's config.
+
+    Raises:
+        ValueError: unknown variant (the message lists the known ones).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown Granite Speech variant {variant!r}; known variants: {', '.join(VARIANTS)}")
+    return _deepcopy(VARIANTS[variant])
+
+
+def _deepcopy(cfg: GraniteSpeechConfig) -> GraniteSpeechConfig:
+    import copy
+
+    return copy.deepcopy(cfg)
