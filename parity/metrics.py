@@ -1,0 +1,428 @@
+"""Per-tensor error statistics and dtype-aware tolerances: the comparator at the bottom of the parity engine.
+
+``compare_tensors(test, ref)`` reduces one pair of activations (``test`` from the FMS model, ``ref`` from the HF
+reference) to a :class:`TensorDiff`: a handful of numbers, a pass/fail verdict and the reason for it. A
+``TensorDiff`` is plain data (``to_dict`` / ``from_dict``), so a report can be regenerated from saved results
+without re-running either model.
+
+Everything is model-agnostic: the functions see two tensors of the same shape and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["Tolerance", "TensorDiff", "default_tolerance", "compare_tensors", "DEFAULT_CHUNK_ELEMENTS"]
+
+# Elements per chunk of the streaming reduction: 4 Mi elements -> 32 MiB per float64 temporary.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Signed integer type of the same width, used to read a float's bit pattern.
+_BITS_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+              torch.float64: torch.int64}
+_INT64_MAX = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass/fail bounds for one tensor comparison (see :func:`compare_tensors` for the rule that uses them).
+
+    Attributes:
+        atol: absolute bound of the elementwise test ``|test - ref| <= atol + rtol * |ref|``.
+        rtol: relative bound of that elementwise test (relative to the reference element).
+        max_rel_l2: bound on ``||test - ref||_2 / ||ref||_2`` over the whole tensor.
+        min_cosine: lower bound on the cosine similarity of the flattened tensors, checked together with
+            ``max_rel_l2``. ``rel_l2 <= r`` already implies ``cosine >= sqrt(1 - r**2) >= 1 - r``, so the
+            defaults (``1 - max_rel_l2``) never fail on cosine alone; it only binds in a custom tolerance.
+
+    Raises:
+        ValueError: a bound is negative or not finite, or ``min_cosine`` is outside [-1, 1].
+    """
+
+    atol: float
+    rtol: float
+    max_rel_l2: float
+    min_cosine: float
+
+    def __post_init__(self):
+        for name in ("atol", "rtol", "max_rel_l2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"Tolerance.{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.min_cosine, (int, float)) or not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"Tolerance.min_cosine must be a number in [-1, 1], got {self.min_cosine!r}")
+
+    def to_dict(self) -> dict[str, float]:
+        """The four bounds as a JSON-safe dict."""
+        return {k: float(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Tolerance":
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{k: float(data[k]) for k in ("atol", "rtol", "max_rel_l2", "min_cosine")})
+
+
+def _tol(atol: float, rtol: float, max_rel_l2: float) -> Tolerance:
+    return Tolerance(atol=atol, rtol=rtol, max_rel_l2=max_rel_l2, min_cosine=1.0 - max_rel_l2)
+
+
+# atol / rtol: torch.testing.assert_close's documented per-dtype defaults (torch 2.11:
+# float16 rtol 1e-3 atol 1e-5; bfloat16 rtol 1.6e-2 atol 1e-5; float32 rtol 1.3e-6 atol 1e-5;
+# float64 rtol 1e-7 atol 1e-7). max_rel_l2: see default_tolerance.
+_DEFAULT_TOLERANCES = {
+    torch.float64: _tol(atol=1e-7, rtol=1e-7, max_rel_l2=1e-12),
+    torch.float32: _tol(atol=1e-5, rtol=1.3e-6, max_rel_l2=1e-5),
+    torch.float16: _tol(atol=1e-5, rtol=1e-3, max_rel_l2=2e-3),
+    torch.bfloat16: _tol(atol=1e-5, rtol=1.6e-2, max_rel_l2=1.6e-2),
+}
+_EXACT = Tolerance(atol=0.0, rtol=0.0, max_rel_l2=0.0, min_cosine=1.0)
+
+
+def default_tolerance(dtype: torch.dtype) -> Tolerance:
+    """Default :class:`Tolerance` for tensors of ``dtype``.
+
+    ``atol`` and ``rtol`` are ``torch.testing.assert_close``'s documented defaults for that dtype. ``max_rel_l2``
+    is chosen from the dtype's machine epsilon ``eps = torch.finfo(dtype).eps``:
+
+    * bfloat16 (eps 2**-7 = 7.8e-3): 1.6e-2, about 2 eps. Rounding each side's stored output to the dtype
+      (relative error <= eps/2 per element, independent on the two sides) alone gives a rel-L2 of roughly
+      0.4 eps; 2 eps leaves about 5x room for a different accumulation order inside the op, while a real bug
+      (wrong scale, mask, or weight layout) gives rel-L2 of order 1e-1 or more.
+    * float16 (eps 2**-10 = 9.8e-4): 2e-3, about 2 eps, same reasoning.
+    * float32 (eps 2**-23 = 1.2e-7): 1e-5, about 84 eps. Storage rounding is negligible here; what differs
+      between two correct implementations is summation order in reductions of length K, whose relative error
+      grows like sqrt(K) * eps, about 64-128 eps for the hidden sizes of this model (K = 4096 .. 16384).
+    * float64: 1e-12. Far below any float32 effect, so a float64 run isolates algorithmic differences, with room
+      for error amplification through deep stacks (norms, softmax).
+
+    ``min_cosine`` is ``1 - max_rel_l2`` (implied by the rel-L2 bound; see :class:`Tolerance`).
+    Integer and bool dtypes get an exact tolerance (all bounds 0, ``min_cosine`` 1).
+
+    Raises:
+        TypeError: ``dtype`` is not a ``torch.dtype``, or is a floating/complex dtype other than
+            float16, bfloat16, float32, float64.
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"default_tolerance expects a torch.dtype, got {type(dtype).__name__}")
+    if dtype in _DEFAULT_TOLERANCES:
+        return _DEFAULT_TOLERANCES[dtype]
+    if dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"no default tolerance for {dtype}: supported floating dtypes are "
+                        f"{', '.join(str(d) for d in _FLOAT_DTYPES)}; cast the tensors or pass a Tolerance")
+    return _EXACT
+
+
+def _looser(a: Tolerance, b: Tolerance) -> Tolerance:
+    return Tolerance(atol=max(a.atol, b.atol), rtol=max(a.rtol, b.rtol),
+                     max_rel_l2=max(a.max_rel_l2, b.max_rel_l2), min_cosine=min(a.min_cosine, b.min_cosine))
+
+
+def _json_float(x: Optional[float]) -> Any:
+    if x is None or math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def _from_json_float(x: Any) -> Optional[float]:
+    return None if x is None else float(x)
+
+
+@dataclass
+class TensorDiff:
+    """Statistics of one comparison ``test`` (FMS) vs ``ref`` (HF reference); produced by :func:`compare_tensors`.
+
+    Statistics cover the element pairs where both sides are finite (other pairs are counted in the
+    ``*_nan`` / ``*_inf`` fields). All floats are computed in float64.
+
+    Attributes:
+        shape: common shape of the two tensors.
+        dtype: reference dtype (``str(torch.dtype)``); ``test_dtype`` is the test tensor's.
+        max_abs, mean_abs: max and mean of ``|test - ref|``.
+        rel_l2: ``||test - ref||_2 / ||ref||_2``; 0 when both norms are 0, inf when only ``ref``'s is 0.
+        cosine: cosine similarity of the flattened tensors; 1 when both are all-zero, 0 when exactly one is.
+        max_ulp: largest distance in units in the last place, counted in the reference dtype: the number of
+            steps between adjacent representable values of that dtype separating the two elements (so x vs
+            nextafter(x) is 1, -0.0 vs +0.0 is 0). For integer dtypes it is ``|test - ref|``. Saturates at
+            2**63 - 1 (only reachable by float64 values of opposite sign and huge magnitude).
+        worst_index: index (tuple, one entry per dim) of the element with the largest ``|test - ref|``;
+            None when no finite pair exists.
+        worst_test, worst_ref: the two values at ``worst_index``.
+        n_mismatched: number of elements violating ``|test - ref| <= atol + rtol * |ref|``.
+        numel: number of elements.
+        test_nan, test_inf, ref_nan, ref_inf: non-finite element counts on each side.
+        passed: verdict of the rule in :func:`compare_tensors`.
+        criterion: which criterion passed (``"allclose"``, ``"rel_l2"``), None when failed.
+        reason: why it failed (names every failed criterion with its numbers), None when passed.
+        tolerance: the :class:`Tolerance` applied.
+        notes: remarks on how the comparison was made (dtype or device differences).
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    test_dtype: str
+    numel: int
+    max_abs: float
+    mean_abs: float
+    rel_l2: float
+    cosine: float
+    max_ulp: int
+    worst_index: Optional[tuple[int, ...]]
+    worst_test: Optional[float]
+    worst_ref: Optional[float]
+    n_mismatched: int
+    test_nan: int
+    test_inf: int
+    ref_nan: int
+    ref_inf: int
+    passed: bool
+    criterion: Optional[str]
+    reason: Optional[str]
+    tolerance: Tolerance
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def nonfinite(self) -> int:
+        """Total number of NaN/inf elements on both sides."""
+        return self.test_nan + self.test_inf + self.ref_nan + self.ref_inf
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (``json.dumps(d, allow_nan=False)`` works): non-finite floats become the strings
+        ``"nan"``, ``"inf"``, ``"-inf"``; tuples become lists; the tolerance a nested dict."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "tolerance":
+                value = value.to_dict()
+            elif isinstance(value, float):
+                value = _json_float(value)
+            elif isinstance(value, (tuple, list)):
+                value = list(value)
+            out[name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TensorDiff":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            KeyError: a field is missing from ``data``.
+        """
+        kw = dict(data)
+        kw["shape"] = tuple(kw["shape"])
+        kw["worst_index"] = None if kw["worst_index"] is None else tuple(kw["worst_index"])
+        for name in ("max_abs", "mean_abs", "rel_l2", "cosine", "worst_test", "worst_ref"):
+            kw[name] = _from_json_float(kw[name])
+        kw["tolerance"] = Tolerance.from_dict(kw["tolerance"])
+        kw["notes"] = list(kw.get("notes", []))
+        return cls(**kw)
+
+
+def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """Map each element to an int64 key, monotone in its value, that steps by 1 between adjacent representable
+    values of ``x.dtype``. Floats are sign-magnitude in memory: a non-negative bit pattern (read as a signed
+    integer) is already ordered; a negative one is mapped to minus its magnitude bits, so -0.0 and +0.0 share
+    key 0. Integer dtypes are their own keys."""
+    if x.dtype in _BITS_VIEW:
+        bits = x.view(_BITS_VIEW[x.dtype]).to(torch.int64)
+        nbits = torch.iinfo(_BITS_VIEW[x.dtype]).bits
+        magnitude = bits & ((1 << (nbits - 1)) - 1)
+        return torch.where(bits < 0, -magnitude, bits)
+    return x.to(torch.int64)
+
+
+def _ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``|key(a) - key(b)|`` in int64, saturating at 2**63 - 1 instead of wrapping."""
+    ka, kb = _ordered_bits(a), _ordered_bits(b)
+    same_sign = (ka >= 0) == (kb >= 0)
+    # Same sign: the difference cannot overflow. Opposite signs: distance = |ka| + |kb|, which can (float64).
+    abs_a, abs_b = ka.abs(), kb.abs()
+    overflow = abs_a > (_INT64_MAX - abs_b)
+    cross = torch.where(overflow, torch.full_like(abs_a, _INT64_MAX), abs_a + abs_b)
+    return torch.where(same_sign, (ka - kb).abs(), cross)
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    index = []
+    for size in reversed(shape):
+        flat, rem = divmod(flat, size)
+        index.append(rem)
+    return tuple(reversed(index))
+
+
+def _check_inputs(test: Any, ref: Any) -> None:
+    for name, t in (("test", test), ("ref", ref)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"compare_tensors: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_complex:
+            raise TypeError(f"compare_tensors: {name} is complex ({t.dtype}); compare real and imaginary parts "
+                            "separately (torch.view_as_real)")
+        if t.dtype.is_floating_point and t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"compare_tensors: {name} has dtype {t.dtype}; supported floating dtypes are "
+                            f"{', '.join(str(d) for d in _FLOAT_DTYPES)}; cast it first")
+    if test.shape != ref.shape:
+        raise ValueError(f"compare_tensors: shape mismatch, test (FMS) has shape {tuple(test.shape)} but ref (HF) "
+                         f"has shape {tuple(ref.shape)}; reshape/transpose one side to the other's layout first")
+
+
+def compare_tensors(test: torch.Tensor, ref: torch.Tensor, tol: Optional[Tolerance] = None, *,
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> TensorDiff:
+    """Compare ``test`` (FMS side) with ``ref`` (HF reference side) element by element.
+
+    Args:
+        test: tensor of any shape; same shape as ``ref``. Floating (float16, bfloat16, float32, float64),
+            integer or bool.
+        ref: the reference tensor; its dtype is the one ULP distances are counted in.
+        tol: bounds to apply; default ``default_tolerance`` of the looser of the two dtypes (as
+            ``torch.testing.assert_close`` does for mixed dtypes).
+        chunk_elements: elements processed per step of the streaming reduction (memory knob).
+
+    Pass/fail rule (``TensorDiff.passed``):
+
+    1. Any NaN in either tensor fails. An inf fails unless the other tensor holds the same inf (same sign) at
+       the same position, as in ``torch.allclose``; matched infs are left out of the statistics.
+    2. Otherwise the comparison passes if EITHER every finite pair satisfies
+       ``|test - ref| <= atol + rtol * |ref|`` (``torch.allclose`` with ``ref`` as the second argument;
+       ``criterion == "allclose"``) OR ``rel_l2 <= max_rel_l2`` and ``cosine >= min_cosine``
+       (``criterion == "rel_l2"``). The second branch lets a large activation with one near-zero element that
+       misses the elementwise bound pass when its overall error is at rounding level; the first lets a
+       tensor whose entries are all near zero (where rel-L2 is meaningless) pass on the absolute bound.
+
+    Statistics are accumulated in float64 on the tensors' device, ``chunk_elements`` at a time, so at most a
+    few chunk-sized float64 temporaries exist at once, whatever the tensor size (a non-contiguous input is
+    first flattened with one copy in its own dtype). If the devices differ, each chunk of ``test`` is moved to
+    ``ref``'s device. If the dtypes differ, ULPs are counted after casting ``test`` to ``ref``'s dtype (noted
+    in ``notes``); the other statistics use both tensors' exact values. Norms of float64 values beyond about
+    1e154 overflow to inf.
+
+    Returns:
+        TensorDiff.
+
+    Raises:
+        TypeError: a non-tensor, complex, or unsupported floating dtype (e.g. float8) input.
+        ValueError: the shapes differ (the message names both), or ``chunk_elements < 1``.
+    """
+    _check_inputs(test, ref)
+    if not isinstance(chunk_elements, int) or chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
+    notes: list[str] = []
+    if tol is None:
+        tol = _looser(default_tolerance(test.dtype), default_tolerance(ref.dtype))
+    elif not isinstance(tol, Tolerance):
+        raise TypeError(f"tol must be a parity.metrics.Tolerance or None, got {type(tol).__name__}")
+    if test.dtype != ref.dtype:
+        notes.append(f"dtype mismatch: test is {test.dtype}, ref is {ref.dtype}; ULP distance counted after "
+                     f"casting test to {ref.dtype}, other statistics on exact values")
+    if test.device != ref.device:
+        notes.append(f"device mismatch: test on {test.device}, ref on {ref.device}; compared on {ref.device}")
+
+    shape = tuple(ref.shape)
+    numel = ref.numel()
+    device = ref.device
+    flat_t, flat_r = test.detach().reshape(-1), ref.detach().reshape(-1)
+
+    def zero():
+        return torch.zeros((), dtype=torch.float64, device=device)
+
+    sum_abs, sum_d2, sum_t2, sum_r2, sum_tr = zero(), zero(), zero(), zero(), zero()
+    n_finite = 0
+    n_mismatched = 0
+    test_nan = test_inf = ref_nan = ref_inf = inf_mismatch = 0
+    max_abs, worst_flat = -1.0, None
+    max_ulp = 0
+
+    for start in range(0, numel, chunk_elements):
+        t = flat_t[start:start + chunk_elements].to(device)
+        r = flat_r[start:start + chunk_elements]
+        t64, r64 = t.to(torch.float64), r.to(torch.float64)
+        t_nan, r_nan = torch.isnan(t64), torch.isnan(r64)
+        t_inf, r_inf = torch.isinf(t64), torch.isinf(r64)
+        test_nan += int(t_nan.sum())
+        ref_nan += int(r_nan.sum())
+        test_inf += int(t_inf.sum())
+        ref_inf += int(r_inf.sum())
+        # An inf is acceptable only against the identical inf; count the others.
+        inf_mismatch += int(((t_inf | r_inf) & ~(t_nan | r_nan) & (t64 != r64)).sum())
+        finite = torch.isfinite(t64) & torch.isfinite(r64)
+        all_finite = bool(finite.all())
+        if not all_finite:
+            t64, r64 = t64[finite], r64[finite]
+            t, r = t[finite], r[finite]
+        n_finite += t64.numel()
+        if t64.numel() == 0:
+            continue
+        diff = (t64 - r64).abs_()
+        sum_abs += diff.sum()
+        sum_d2 += diff.square().sum()
+        sum_t2 += t64.square().sum()
+        sum_r2 += r64.square().sum()
+        sum_tr += (t64 * r64).sum()
+        n_mismatched += int((diff > tol.atol + tol.rtol * r64.abs()).sum())
+        chunk_max, chunk_arg = diff.max(dim=0)
+        chunk_max = float(chunk_max)
+        if chunk_max > max_abs:
+            max_abs = chunk_max
+            local = int(chunk_arg)
+            if all_finite:
+                worst_flat = start + local
+            else:
+                worst_flat = start + int(torch.nonzero(finite).reshape(-1)[local])
+        del diff, t64, r64
+        t_u = t.to(r.dtype) if t.dtype != r.dtype else t
+        max_ulp = max(max_ulp, int(_ulp_distance(t_u, r).max()))
+
+    sum_abs_f, sum_d2_f, sum_t2_f, sum_r2_f, sum_tr_f = (float(s) for s in (sum_abs, sum_d2, sum_t2, sum_r2, sum_tr))
+    if n_finite == 0:
+        max_abs = mean_abs = 0.0
+    else:
+        mean_abs = sum_abs_f / n_finite
+    if sum_r2_f > 0:
+        rel_l2 = math.sqrt(sum_d2_f) / math.sqrt(sum_r2_f)
+    else:
+        rel_l2 = 0.0 if sum_d2_f == 0 else math.inf
+    if sum_t2_f == 0 and sum_r2_f == 0:
+        cosine = 1.0
+    elif sum_t2_f == 0 or sum_r2_f == 0:
+        cosine = 0.0
+    else:
+        cosine = max(-1.0, min(1.0, sum_tr_f / math.sqrt(sum_t2_f * sum_r2_f)))
+
+    worst_index = worst_test = worst_ref = None
+    if worst_flat is not None:
+        worst_index = _unravel(worst_flat, shape)
+        worst_test = float(flat_t[worst_flat].to(torch.float64))
+        worst_ref = float(flat_r[worst_flat].to(torch.float64))
+
+    failures = []
+    if test_nan or ref_nan:
+        failures.append(f"NaN present (test {test_nan}, ref {ref_nan})")
+    if inf_mismatch:
+        failures.append(f"{inf_mismatch} inf element(s) not matched by the same inf on the other side")
+    allclose_ok = n_mismatched == 0
+    l2_ok = rel_l2 <= tol.max_rel_l2 and cosine >= tol.min_cosine
+    criterion = None
+    if not failures:
+        if allclose_ok:
+            criterion = "allclose"
+        elif l2_ok:
+            criterion = "rel_l2"
+        else:
+            failures.append(f"{n_mismatched}/{n_finite} elements exceed atol {tol.atol:g} + rtol {tol.rtol:g}*|ref| "
+                            f"(max_abs {max_abs:.3g} at {worst_index})")
+            if rel_l2 > tol.max_rel_l2:
+                failures.append(f"rel_l2 {rel_l2:.3g} > max_rel_l2 {tol.max_rel_l2:g}")
+            if cosine < tol.min_cosine:
+                failures.append(f"cosine {cosine:.9g} < min_cosine {tol.min_cosine:.9g}")
+    passed = not failures
+    return TensorDiff(
+        shape=shape, dtype=str(ref.dtype), test_dtype=str(test.dtype), numel=numel,
+        max_abs=float(max_abs), mean_abs=float(mean_abs), rel_l2=float(rel_l2), cosine=float(cosine),
+        max_ulp=int(max_ulp), worst_index=worst_index, worst_test=worst_test, worst_ref=worst_ref,
+        n_mismatched=n_mismatched, test_nan=test_nan, test_inf=test_inf, ref_nan=ref_nan, ref_inf=ref_inf,
+        passed=passed, criterion=criterion if passed else None, reason=None if passed else "; ".join(failures),
+        tolerance=tol, notes=notes,
+    )
