@@ -1,0 +1,535 @@
+"""The parity engine: run both models on the same inputs, compare every mapped layer, find the first divergence.
+
+``run_parity(pair, inputs, layers)`` works in three steps (Polygraphy's runner -> comparator split):
+
+1. run the HF reference with ``Capture`` hooks on the HF module of every pair it has to produce, keeping copies;
+2. run the FMS model with streaming hooks: as each FMS module returns, its tensor is compared (``metrics.
+   compare_tensors``) with the stored HF tensor of the same call and only the ``TensorDiff`` is kept;
+3. order the diffs by the path map's execution order and name the first one that fails.
+
+Only the sections the requested layers need are run: an encoder layer runs only the two encoders (HF
+``hf.model.encoder``), a projector layer runs encoder + projector, anything in the decoder runs the full models.
+Every pair of every section that ran is compared, so the first divergent layer is found over everything that ran,
+not only over the requested names.
+
+The result, ``ParityResult``, is plain JSON-serialisable data and the single source of every report format;
+``recheck(result, tol)`` applies new tolerances to saved statistics without re-running either model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+
+from parity.capture import Capture, first_tensor
+from parity.metrics import TensorDiff, Tolerance, compare_tensors
+from parity.pathmap import EXCLUDED, INPUT, TRANSFORMS, LayerPair, expand, resolve
+
+__all__ = ["LayerResult", "ParityResult", "SECTIONS", "recheck", "run_parity", "versions"]
+
+SECTIONS = ("encoder", "projector", "decoder")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class LayerResult:
+    """The comparison of one ``LayerPair``.
+
+    Attributes:
+        pair: what was compared (names, module paths, tensor, transform).
+        diff: the statistics, or None when no element-wise comparison was possible (see ``error``).
+        error: why there is no diff (a module that never ran on one side, a different number of calls, a shape
+            mismatch), None otherwise.
+        calls: how many times the module ran per side (the diff shown is the worst call by rel-L2).
+    """
+
+    pair: LayerPair
+    diff: Optional[TensorDiff] = None
+    error: Optional[str] = None
+    calls: int = 1
+
+    @property
+    def name(self) -> str:
+        """The parity name of the layer."""
+        return self.pair.name
+
+    @property
+    def passed(self) -> bool:
+        """True when there is a diff, it passed, and nothing went wrong."""
+        return self.error is None and self.diff is not None and self.diff.passed
+
+    @property
+    def reason(self) -> Optional[str]:
+        """Why this layer fails (None when it passes)."""
+        if self.error is not None:
+            return self.error
+        return None if self.diff is None or self.diff.passed else self.diff.reason
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict (the pair, the diff's ``to_dict``, error, calls)."""
+        return {"pair": self.pair.to_dict(), "diff": None if self.diff is None else self.diff.to_dict(),
+                "error": self.error, "calls": self.calls}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerResult":
+        """Inverse of ``to_dict`` (KeyError on a missing field)."""
+        diff = data.get("diff")
+        return cls(pair=LayerPair(**data["pair"]), diff=None if diff is None else TensorDiff.from_dict(diff),
+                   error=data.get("error"), calls=int(data.get("calls", 1)))
+
+
+@dataclass
+class ParityResult:
+    """Everything one parity run found, JSON-serialisable (``to_json`` / ``from_json``).
+
+    Attributes:
+        layers: one ``LayerResult`` per compared pair, in execution order (every pair of every section that ran).
+        requested: names of the layers the caller asked about (each requested name and its sub-modules).
+        first_divergent: name of the first layer in execution order, over everything that ran, that breaks
+            tolerance; None when none does.
+        sections: the model sections that were run (``encoder``, ``projector``, ``decoder``).
+        tolerance: the ``Tolerance`` applied as a dict, or None for the per-dtype default of ``metrics``.
+        provenance: where the two models came from (variant, checkpoint, seed, dtype, device, LoRA state).
+        inputs: what was fed (audio sources, prompt, tensor shapes).
+        config: the ``GraniteSpeechConfig`` as a dict.
+        versions: torch / transformers / ibm-fms / python versions.
+        notes: statements the report must show (transforms applied, e.g. the logits_scaling deviation).
+        excluded: module pairs that cannot be compared element-wise, with the reason.
+        elapsed_s: wall time of the run in seconds.
+    """
+
+    layers: list[LayerResult]
+    requested: list[str]
+    first_divergent: Optional[str]
+    sections: list[str]
+    tolerance: Optional[dict]
+    provenance: dict
+    inputs: dict
+    config: dict
+    versions: dict
+    notes: list[str] = field(default_factory=list)
+    excluded: list[dict] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        """True when every requested layer passes."""
+        return all(r.passed for r in self.requested_results())
+
+    def requested_results(self) -> list[LayerResult]:
+        """Results of the requested layers, in execution order."""
+        wanted = set(self.requested)
+        return [r for r in self.layers if r.name in wanted]
+
+    def layer(self, name: str) -> LayerResult:
+        """The result of one layer by parity name (KeyError listing what was compared if absent)."""
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(f"layer {name!r} was not compared in this run ({len(self.layers)} layers: "
+                       f"{', '.join(r.name for r in self.layers[:8])}...)")
+
+    def first_failure(self) -> Optional[LayerResult]:
+        """The result of ``first_divergent`` (None when every layer that ran passes)."""
+        return next((r for r in self.layers if not r.passed), None)
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict with ``schema_version`` and the overall ``passed`` verdict added."""
+        out = {"schema_version": SCHEMA_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = [r.to_dict() for r in value] if f.name == "layers" else value
+        out["passed"] = self.passed
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ParityResult":
+        """Inverse of ``to_dict``.
+
+        Raises:
+            ValueError: ``data`` is not a parity result of a known schema version.
+        """
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION or "layers" not in data:
+            raise ValueError(f"not a parity result (schema_version {SCHEMA_VERSION} JSON from ParityResult.to_json)")
+        kw = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        try:
+            kw["layers"] = [LayerResult.from_dict(r) for r in data["layers"]]
+            return cls(**kw)
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"not a parity result: a field is missing or malformed ({err})") from None
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        """JSON text (strict: non-finite floats are stored as the strings "nan"/"inf")."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ParityResult":
+        """Inverse of ``to_json``. Raises ValueError on text that is not a parity result."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not a parity result: invalid JSON ({err})") from err
+        return cls.from_dict(data)
+
+
+# -- running ----------------------------------------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    """Versions of what the comparison depends on: python, torch, transformers, ibm-fms, peft."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("transformers", "ibm-fms", "peft"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _requested_pairs(config, layers: Union[None, str, Sequence[str]]) -> list[LayerPair]:
+    if layers is None:
+        return expand(config)
+    if isinstance(layers, str):
+        layers = [layers]
+    seen, out = set(), []
+    for name in layers:
+        for p in resolve(name, config):
+            if p.name not in seen:
+                seen.add(p.name)
+                out.append(p)
+    order = {p.name: k for k, p in enumerate(expand(config))}
+    return sorted(out, key=lambda p: order[p.name])
+
+
+def _apply_transform(pair: LayerPair, tensor: torch.Tensor, config) -> torch.Tensor:
+    """The named transform of ``pair`` on an FMS tensor (``pathmap.TRANSFORMS`` states each)."""
+    if pair.transform is None:
+        return tensor
+    if pair.transform == "logits_scaling":
+        # computed in float64, rounded once back to the FMS dtype: exact for a power-of-two scale (8, 16 in the
+        # released models), at most half an ULP otherwise
+        return (tensor.to(torch.float64) * float(config.decoder.logits_scaling)).to(tensor.dtype)
+    raise ValueError(f"unknown transform {pair.transform!r} in the path map; known: {', '.join(TRANSFORMS)}")
+
+
+def _hf_adapters_enabled(hf) -> Optional[bool]:
+    """Whether the HF model's peft adapters are on (None when it has none)."""
+    if not getattr(hf, "_hf_peft_config_loaded", False):
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = next((m for m in hf.modules() if isinstance(m, BaseTunerLayer)), None)
+    return None if layer is None else not layer.disable_adapters
+
+
+def _set_hf_adapters(hf, enabled: bool) -> None:
+    hf.enable_adapters() if enabled else hf.disable_adapters()
+
+
+@contextlib.contextmanager
+def _adapters(pair, enabled: bool):
+    """Both sides' LoRA adapters on (``enabled``) or off for the duration; yields a note describing the state.
+
+    HF ``forward()`` never toggles peft adapters (only ``generate`` does), so the engine sets them explicitly: on for
+    inputs with audio, off for text-only inputs, as ``generate`` would (FMS: ``GraniteSpeech.set_adapter``). The
+    previous states are restored afterwards.
+    """
+    hf, fms = pair.hf, pair.fms
+    hf_before = _hf_adapters_enabled(hf)
+    fms_before = bool(fms.adapter_enabled) if getattr(fms, "has_adapter", False) else None
+    if hf_before is not None:
+        _set_hf_adapters(hf, enabled)
+    if fms_before is not None:
+        fms.set_adapter(enabled)
+    state = "enabled" if enabled else "disabled"
+    if hf_before is None and fms_before is None:
+        note = "no LoRA adapter on either side"
+    elif (hf_before is None) != (fms_before is None):
+        side = "FMS" if hf_before is None else "HF"
+        note = f"LoRA adapter only on the {side} side ({state}): the decoder is expected to diverge"
+    else:
+        why = "inputs carry audio" if enabled else "text-only inputs"
+        note = f"LoRA adapter {state} on both sides ({why}), as HF generate() would set it"
+    try:
+        yield note
+    finally:
+        if hf_before is not None:
+            _set_hf_adapters(hf, hf_before)
+        if fms_before is not None:
+            fms.set_adapter(fms_before)
+
+
+def _run_section(model_kind: str, model, inputs, upto: str, dtype: torch.dtype) -> None:
+    """Run one model up to the end of section ``upto`` (outputs are taken by the hooks, not returned)."""
+    feats = inputs.input_features
+    if feats is not None and upto != "decoder":
+        feats = feats.to(dtype)  # the full models cast features themselves; called section by section they do not
+    if model_kind == "hf":
+        if upto == "encoder":
+            model.model.encoder(feats)
+        elif upto == "projector":
+            model.model.projector(model.model.encoder(feats).last_hidden_state)
+        else:
+            model(input_ids=inputs.input_ids, input_features=feats, input_features_mask=inputs.input_features_mask)
+        return
+    if upto == "encoder":
+        model.encoder(feats)
+    elif upto == "projector":
+        model.projector(_first(model.encoder(feats)))
+    else:
+        model(inputs.input_ids, input_features=feats, input_features_mask=inputs.input_features_mask)
+
+
+def _first(value: Any) -> torch.Tensor:
+    t = first_tensor(value)
+    if t is None:
+        raise TypeError(f"expected a tensor output, got {type(value).__name__}")
+    return t
+
+
+def _capture(model, pairs: list[LayerPair], side: str, callback=None) -> list[Capture]:
+    """Captures for ``pairs`` on one side: outputs in one, first inputs (``inputs=True``) in another.
+
+    Without ``callback`` the tensors are stored (the reference side); with it they are streamed to
+    ``callback(path, tensor)`` and nothing is kept (the side under test).
+    """
+    path = (lambda p: p.hf) if side == "hf" else (lambda p: p.fms)
+    outs = [path(p) for p in pairs if p.tensor != INPUT]
+    ins = [path(p) for p in pairs if p.tensor == INPUT]
+    store = callback is None
+    caps = []
+    if outs:
+        caps.append(Capture(model, outs, store=store, on_output=callback))
+    if ins:
+        caps.append(Capture(model, ins, store=store, inputs=True, on_input=callback))
+    return caps
+
+
+def _worst(diffs: list[TensorDiff]) -> TensorDiff:
+    failing = [d for d in diffs if not d.passed]
+    pool = failing or diffs
+    return max(pool, key=lambda d: (d.rel_l2 if not math.isnan(d.rel_l2) else math.inf))
+
+
+def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None,
+               tol: Optional[Tolerance] = None) -> ParityResult:
+    """Compare ``pair.fms`` with ``pair.hf`` layer by layer on ``inputs``.
+
+    Args:
+        pair: a ``parity.pair.ModelPair`` (both models, same weights, same dtype and device, eval mode).
+        inputs: a ``parity.pair.ParityInputs`` (``input_ids`` [B, L] int64, ``input_features`` [B, T, 160],
+            ``input_features_mask`` [B, N] bool; features None for text-only inputs).
+        layers: parity names to report on (each with its sub-modules); None means every layer of the model.
+        tol: the bounds to apply to every layer; None uses ``metrics.default_tolerance`` of the dtypes compared.
+
+    Returns:
+        ``ParityResult`` over every pair of every section that ran, in execution order.
+
+    Raises:
+        pathmap.UnknownLayerError (ValueError): an unknown layer name (message lists the closest valid names).
+        ValueError: an encoder/projector layer was requested but ``inputs`` has no audio.
+        TypeError: ``tol`` is not a ``Tolerance``, or ``inputs`` is not a ``ParityInputs``.
+    """
+    start = time.perf_counter()
+    if tol is not None and not isinstance(tol, Tolerance):
+        raise TypeError(f"tol must be a parity.metrics.Tolerance or None, got {type(tol).__name__}")
+    for attr in ("input_ids", "input_features", "input_features_mask", "describe"):
+        if not hasattr(inputs, attr):
+            raise TypeError(f"inputs must be a parity.pair.ParityInputs (from build_inputs), got "
+                            f"{type(inputs).__name__} without .{attr}")
+    config = pair.config
+    requested = _requested_pairs(config, layers)
+    has_audio = inputs.input_features is not None
+    upto = max((p.section for p in requested), key=SECTIONS.index)
+    if not has_audio and any(p.section != "decoder" for p in requested):
+        names = sorted({p.name for p in requested if p.section != "decoder"})[:3]
+        raise ValueError(f"layers {names} need audio but the inputs are text-only; build inputs with audio")
+    sections = list(SECTIONS[: SECTIONS.index(upto) + 1]) if has_audio else ["decoder"]
+    run = [p for p in expand(config) if p.section in sections]
+
+    by_hf = {p.hf: p for p in run}
+    by_fms = {p.fms: p for p in run}
+    diffs: dict[str, list[TensorDiff]] = {p.name: [] for p in run}
+    errors: dict[str, str] = {}
+    fms_calls: dict[str, int] = {p.name: 0 for p in run}
+    reference: dict[str, list[torch.Tensor]] = {}
+
+    def on_tensor(path: str, tensor: torch.Tensor) -> None:
+        p = by_fms[path]
+        k = fms_calls[p.name]
+        fms_calls[p.name] += 1
+        refs = reference.get(p.name, [])
+        if k >= len(refs) or p.name in errors:
+            return
+        test = _apply_transform(p, tensor, config)
+        try:
+            diffs[p.name].append(compare_tensors(test, refs[k], tol))
+        except (ValueError, TypeError) as err:
+            errors[p.name] = str(err)
+
+    adapters = _adapters(pair, enabled=has_audio) if upto == "decoder" else contextlib.nullcontext(None)
+    with adapters as adapter_note, torch.no_grad():
+        # 1. the reference, stored
+        hf_caps = _capture(pair.hf, run, "hf")
+        with _Stack(hf_caps):
+            _run_section("hf", pair.hf, inputs, upto, pair.dtype)
+        for cap in hf_caps:
+            store = cap.inputs if cap.capture_inputs else cap.outputs
+            for path, tensors in store.items():
+                reference[by_hf[path].name] = tensors
+        # 2. FMS, each output compared as it appears, nothing kept but the statistics
+        with _Stack(_capture(pair.fms, run, "fms", callback=on_tensor)):
+            _run_section("fms", pair.fms, inputs, upto, pair.dtype)
+    notes = [] if adapter_note is None else [adapter_note]
+
+    # 3. collect in execution order
+    results = []
+    for p in run:
+        n_ref, n_fms = len(reference.get(p.name, [])), fms_calls[p.name]
+        error = errors.get(p.name)
+        if error is None and n_ref != n_fms:
+            error = (f"module ran {n_ref} time(s) in HF ({p.hf}) but {n_fms} time(s) in FMS "
+                     f"({p.fms or '<model>'})")
+        diff = _worst(diffs[p.name]) if diffs[p.name] else None
+        if error is None and diff is None:
+            error = "no tensor was produced on either side"
+        results.append(LayerResult(pair=p, diff=diff, error=error, calls=max(n_ref, n_fms)))
+    del reference
+
+    first = next((r.name for r in results if not r.passed), None)
+    for p in run:
+        if p.transform is not None:
+            notes.append(f"{p.name}: {TRANSFORMS[p.transform]}")
+    return ParityResult(
+        layers=results,
+        requested=[p.name for p in requested],
+        first_divergent=first,
+        sections=sections,
+        tolerance=None if tol is None else tol.to_dict(),
+        provenance=pair.provenance(),
+        inputs=inputs.describe(),
+        config=_config_dict(config),
+        versions=versions(),
+        notes=notes,
+        excluded=[{"name": e.name, "hf": e.hf, "fms": e.fms, "reason": e.reason} for e in EXCLUDED
+                  if _section(e.name) in sections],
+        elapsed_s=round(time.perf_counter() - start, 3),
+    )
+
+
+def _section(name: str) -> str:
+    head = name.split(".", 1)[0]
+    return head if head in SECTIONS else "decoder"
+
+
+def _config_dict(config) -> dict:
+    """The config as JSON-safe data (anything json cannot hold becomes its ``str``)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+class _Stack:
+    """Enter several context managers (the captures) and exit them all."""
+
+    def __init__(self, managers: Iterable):
+        self.managers = list(managers)
+
+    def __enter__(self):
+        entered = []
+        try:
+            for m in self.managers:
+                m.__enter__()
+                entered.append(m)
+        except BaseException:
+            for m in reversed(entered):
+                m.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self.managers):
+            m.__exit__(*exc)
+
+
+# -- re-checking saved results ------------------------------------------------------------------------------------
+
+
+def _recheck_diff(d: TensorDiff, tol: Tolerance) -> TensorDiff:
+    """``d`` judged against ``tol`` from its saved statistics (the rule of ``metrics.compare_tensors``).
+
+    The rel-L2 / cosine branch is re-evaluated exactly. The element-wise branch
+    (``|test - ref| <= atol + rtol * |ref|`` everywhere) is decided from the statistics when they settle it: same
+    atol/rtol as saved (the saved mismatch count holds), ``max_abs <= atol`` (every element passes), a looser bound
+    than saved with no saved mismatch, a tighter one with saved mismatches, or the worst element itself violating
+    the new bound. Otherwise it cannot be decided without the tensors: the layer is marked failed with a reason
+    starting ``undetermined`` (re-run to decide), never passed on a guess.
+    """
+    old = d.tolerance
+    failures = []
+    if d.test_nan or d.ref_nan:
+        failures.append(f"NaN present (test {d.test_nan}, ref {d.ref_nan})")
+    if (d.test_inf or d.ref_inf) and d.reason and "inf element" in d.reason:
+        failures.append(next(s for s in d.reason.split("; ") if "inf element" in s))
+    if d.max_abs <= tol.atol:
+        allclose = True
+    elif tol.atol == old.atol and tol.rtol == old.rtol:
+        allclose = d.n_mismatched == 0
+    elif d.worst_ref is not None and d.max_abs > tol.atol + tol.rtol * abs(d.worst_ref):
+        allclose = False
+    elif d.n_mismatched == 0 and tol.atol >= old.atol and tol.rtol >= old.rtol:
+        allclose = True
+    elif d.n_mismatched > 0 and tol.atol <= old.atol and tol.rtol <= old.rtol:
+        allclose = False
+    else:
+        allclose = None
+    l2_ok = d.rel_l2 <= tol.max_rel_l2 and d.cosine >= tol.min_cosine
+    criterion = None
+    if not failures:
+        if allclose:
+            criterion = "allclose"
+        elif l2_ok:
+            criterion = "rel_l2"
+        else:
+            if allclose is None:
+                failures.append(f"undetermined: the element-wise bound atol {tol.atol:g} + rtol {tol.rtol:g}*|ref| "
+                                "cannot be decided from saved statistics; re-run the comparison")
+            else:
+                failures.append(f"elements exceed atol {tol.atol:g} + rtol {tol.rtol:g}*|ref| "
+                                f"(max_abs {d.max_abs:.3g} at {d.worst_index})")
+            if d.rel_l2 > tol.max_rel_l2:
+                failures.append(f"rel_l2 {d.rel_l2:.3g} > max_rel_l2 {tol.max_rel_l2:g}")
+            if d.cosine < tol.min_cosine:
+                failures.append(f"cosine {d.cosine:.9g} < min_cosine {tol.min_cosine:.9g}")
+    notes = list(d.notes)
+    if (tol.atol, tol.rtol) != (old.atol, old.rtol):
+        notes.append(f"rechecked; n_mismatched was counted at atol {old.atol:g}, rtol {old.rtol:g}")
+    passed = not failures
+    return dataclasses.replace(d, passed=passed, criterion=criterion if passed else None,
+                               reason=None if passed else "; ".join(failures), tolerance=tol, notes=notes)
+
+
+def recheck(result: ParityResult, tol: Tolerance) -> ParityResult:
+    """``result`` judged against new tolerances without re-running either model.
+
+    Returns a new ``ParityResult`` (the input is not modified) with every diff re-judged (see ``_recheck_diff`` for
+    what saved statistics can and cannot decide), ``first_divergent`` recomputed and ``tolerance`` replaced.
+    Layers that had no diff (an error) stay failed.
+
+    Raises:
+        TypeError: ``tol`` is not a ``metrics.Tolerance``.
+    """
+    if not isinstance(tol, Tolerance):
+        raise TypeError(f"recheck needs a parity.metrics.Tolerance, got {type(tol).__name__}")
+    layers = [dataclasses.replace(r, diff=None if r.diff is None else _recheck_diff(r.diff, tol))
+              for r in result.layers]
+    first = next((r.name for r in layers if not r.passed), None)
+    notes = list(result.notes) + [f"rechecked against {tol.to_dict()} without re-running the models"]
+    return dataclasses.replace(result, layers=layers, first_divergent=first, tolerance=tol.to_dict(), notes=notes)

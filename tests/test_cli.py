@@ -1,0 +1,111 @@
+"""The ``parity`` command line, driven through ``main([...])``: tables, exit codes, one-line errors, reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from parity.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_map(capsys):
+    assert main(["map"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.blocks.{}.attn" in out and "model.encoder.layers.{}.attn" in out
+    assert "0..15" in out  # the tiny variant's block indices
+    assert "logits_scaling" in out and "qkv_fused" in out
+
+
+def test_map_expanded(capsys):
+    assert main(["map", "--expand"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.blocks.15.post_norm" in out and "decoder.base_model.layers.3.ff_sub_layer" in out
+
+
+def test_map_unknown_variant(capsys):
+    assert main(["map", "--variant", "huge"]) == 2
+    err = capsys.readouterr().err
+    assert "tiny" in err and len(err.strip().splitlines()) == 1
+
+
+def test_diff_layer(capsys, tmp_path):
+    code = main(["diff", "--layer", "encoder.blocks.8", "--report-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for sub in ("encoder.blocks.8.ff1", "encoder.blocks.8.attn", "encoder.blocks.8.conv", "encoder.blocks.8.post_norm"):
+        assert sub in out
+    assert "rel-L2" in out and "max ULP" in out and "worst index" in out
+    assert "first divergent layer: none" in out
+    report = json.loads((tmp_path / "parity-report.json").read_text())
+    assert report["passed"] is True and report["sections"] == ["encoder"]
+    assert (tmp_path / "parity-report.md").read_text().startswith("# Parity report: PASS")
+
+
+def test_diff_unknown_layer_suggests(capsys):
+    assert main(["diff", "--layer", "encoder.block.8"]) == 2
+    err = capsys.readouterr().err
+    assert "encoder.blocks.8" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_diff_missing_audio(capsys, tmp_path):
+    assert main(["diff", "--layer", "encoder.blocks.0", "--audio", str(tmp_path / "nope.wav")]) == 2
+    err = capsys.readouterr().err
+    assert "audio file not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_diff_bad_checkpoint(capsys, tmp_path):
+    assert main(["diff", "--layer", "encoder.blocks.0", "--checkpoint", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and len(err.strip().splitlines()) == 1
+    assert main(["diff", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_diff_bad_dtype_is_a_usage_error(capsys):
+    assert main(["diff", "--dtype", "int8"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_diff_bfloat16_runs(capsys, tmp_path):
+    code = main(["diff", "--layer", "encoder.blocks.2", "--dtype", "bfloat16", "--report-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code in (0, 1)
+    assert "encoder.blocks.2.attn" in out and "bfloat16" in out
+    report = json.loads((tmp_path / "parity-report.json").read_text())
+    assert report["provenance"]["dtype"] == "bfloat16"
+    assert report["layers"][0]["diff"]["dtype"] == "torch.bfloat16"
+
+
+def test_recheck_tightened(capsys, tmp_path):
+    assert main(["diff", "--layer", "encoder.blocks.1", "--report-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    saved = tmp_path / "run" / "parity-report.json"
+    args = ["recheck", str(saved), "--atol", "0", "--rtol", "0", "--max-rel-l2", "0", "--min-cosine", "1",
+            "--report-dir", str(tmp_path / "re")]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "first divergent layer" in out
+    assert json.loads((tmp_path / "re" / "parity-report.json").read_text())["tolerance"]["max_rel_l2"] == 0.0
+    assert main(["recheck", str(saved), "--report-dir", str(tmp_path / "same")]) == 0
+
+
+def test_recheck_missing_report(capsys, tmp_path):
+    assert main(["recheck", str(tmp_path / "none.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"]])
+def test_usage_errors_exit_2(argv, capsys):
+    assert main(argv) == 2
