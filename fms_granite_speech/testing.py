@@ -159,3 +159,45 @@ __all__ = [
     "random_input_ids",
     "realistic_init_",
 ]
+
+
+def write_hf_checkpoint(hf_model: nn.Module, directory, *, max_shard_size=None):
+    """Write an HF Granite Speech model as a transformers checkpoint folder; returns the folder as a ``Path``.
+
+    The base model is saved with ``save_pretrained`` from an adapter-free copy (same config, the base weights with
+    peft's ``.base_layer`` wrapping undone): ``save_pretrained`` on a model with a peft adapter attached writes
+    peft-wrapped base names that transformers cannot reload (../shared/REFERENCE.md section 1). The adapter, when
+    ``hf_model`` has one, is written in peft format as transformers' adapter path of ``save_pretrained`` writes it:
+    ``adapter_config.json`` (``base_model_name_or_path`` = this folder, as ``GraniteSpeechForConditionalGeneration
+    .save_pretrained`` sets it) and ``adapter_model.safetensors`` with keys ``base_model.model.<name>``.
+    ``GraniteSpeechForConditionalGeneration.from_pretrained(folder)`` then rebuilds the same model, adapter included.
+
+    Args:
+        hf_model: a ``GraniteSpeechForConditionalGeneration`` (e.g. from ``build_hf_model``), left unchanged.
+        directory: the folder to write (created if needed).
+        max_shard_size: passed to ``save_pretrained`` (e.g. ``"200KB"``) to write several shards and an index.
+    """
+    import copy
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    has_adapter = bool(getattr(hf_model, "_hf_peft_config_loaded", False))
+    base_sd = {k.replace(".base_layer.", "."): v for k, v in hf_model.state_dict().items() if ".lora_" not in k}
+    with torch.device("meta"):
+        base = type(hf_model)(copy.deepcopy(hf_model.config))
+    base.load_state_dict(base_sd, strict=True, assign=True)
+    base.tie_weights()
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    base.save_pretrained(directory, **kwargs)
+    if has_adapter:
+        name = hf_model.active_adapters()[0]
+        peft_config = copy.deepcopy(hf_model.peft_config[name])
+        peft_config.base_model_name_or_path = str(directory)
+        peft_config.save_pretrained(directory)
+        adapter_sd = hf_model.get_adapter_state_dict(name)
+        tensors = {f"base_model.model.{k}": v.detach().contiguous() for k, v in adapter_sd.items()}
+        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return directory
