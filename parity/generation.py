@@ -1,0 +1,466 @@
+"""Generation parity: greedy tokens and per-step logits of the FMS model against HF ``generate``.
+
+``compare_generation(hf_model, fms_model, inputs)`` runs
+
+1. HF ``GraniteSpeechForConditionalGeneration.generate`` (greedy, ``output_logits=True``): the reference tokens and
+   the reference logits of every step;
+2. FMS generation (``fms_granite_speech.generation.transcribe_ids``, KV cache) left free: the tokens FMS produces;
+3. FMS generation teacher-forced on HF's tokens: FMS's logits at every step for exactly the prefix HF saw, so every
+   step's logits are comparable even after the tokens diverge (up to the first divergence, free and forced FMS runs
+   are the same computation).
+
+It reports the first step where the tokens differ (per row and overall), both sides' top-5 log-probs there with the
+margin between their top-1 and top-2 (a flip with a margin inside the logits' numerical error is a near-tie; a flip
+with logits that fail the dtype's tolerance is a real difference), and the per-step logits error.
+
+Scales, stated in every result (``notes``): FMS divides logits by ``logits_scaling``, transformers 5.x Granite Speech
+does not (../shared/REFERENCE.md section 1). Logits errors are measured on HF's scale (FMS logits multiplied by
+``logits_scaling``); log-probs and margins are those of the model's own next-token distribution,
+``log_softmax(hf_logits / logits_scaling)`` and ``log_softmax(fms_logits)``, i.e. the distribution the released
+model was trained with (and FMS samples from).
+
+The result is plain data (``to_dict`` / ``from_dict`` / JSON), ``format_table`` renders it, ``add_cli`` registers
+``parity generate``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from tabulate import tabulate
+
+from parity.metrics import Tolerance, compare_tensors, default_tolerance
+
+__all__ = [
+    "DEFAULT_TEXT_PROMPT",
+    "Divergence",
+    "GenerationParity",
+    "StepError",
+    "add_cli",
+    "cmd_generate",
+    "compare_generation",
+    "format_table",
+]
+
+DEFAULT_TEXT_PROMPT = (
+    "<|start_of_role|>user<|end_of_role|>please write a sentence about the sea.<|end_of_text|>\n"
+    "<|start_of_role|>assistant<|end_of_role|>"
+)
+
+
+@dataclass
+class StepError:
+    """Logits error of one generation step over the whole batch: FMS (x ``logits_scaling``) vs HF, both [B, V].
+
+    Attributes:
+        step: 0-based index of the generated token.
+        rel_l2: ``||fms - hf||_2 / ||hf||_2``; max_abs: ``max |fms - hf|`` (HF's logit units).
+        passed: ``parity.metrics.compare_tensors`` verdict with the result's tolerance.
+    """
+
+    step: int
+    rel_l2: float
+    max_abs: float
+    passed: bool
+
+
+@dataclass
+class Divergence:
+    """The first step where FMS's greedy token differs from HF's, for one row.
+
+    Attributes:
+        row, step: batch row and 0-based generated-token index.
+        hf_token, fms_token: the tokens chosen there (None where that side had already stopped).
+        hf_top, fms_top: ``[[token, log_prob], ...]`` top-5 of each side's next-token distribution at that step
+            (log-probs of ``softmax(logits / logits_scaling)``, see the module docstring), best first.
+        hf_margin, fms_margin: top-1 minus top-2 log-prob of each side (= the logit margin on FMS's scale).
+        kind: ``"near-tie"`` when the step's logits pass the tolerance (the flip is within numerical error) or
+            ``"logits-mismatch"`` when they do not (a real difference in what the models compute).
+    """
+
+    row: int
+    step: int
+    hf_token: Optional[int]
+    fms_token: Optional[int]
+    hf_top: list
+    fms_top: list
+    hf_margin: float
+    fms_margin: float
+    kind: str
+
+
+@dataclass
+class GenerationParity:
+    """Everything ``compare_generation`` found; plain data, JSON-serialisable (``to_json`` / ``from_json``).
+
+    Attributes:
+        batch_size, prompt_length (tokens per row as given), max_new_tokens.
+        adapter: ``"on"`` (audio given: HF's generate enables the LoRA adapter, so does FMS) or ``"off"`` (text-only).
+        dtype: the models' dtype; logits_scaling: FMS's divisor (HF's logits = FMS's x this).
+        hf_tokens, fms_tokens: generated tokens per row (after the prompt; pad after a row's EOS).
+        row_first_divergence: per row, the first step whose tokens differ, or None.
+        divergence: details of the earliest divergence (lowest step, then lowest row), or None.
+        steps: per-step logits error, one per HF step (FMS teacher-forced on HF's tokens).
+        tolerance: the bounds each step's logits were judged with (``Tolerance.to_dict``).
+        eos_token_id, pad_token_id: as used on both sides.
+        notes: how the comparison was made (scales, inferred masks).
+    """
+
+    batch_size: int
+    prompt_length: int
+    max_new_tokens: int
+    adapter: str
+    dtype: str
+    logits_scaling: float
+    hf_tokens: list
+    fms_tokens: list
+    row_first_divergence: list
+    divergence: Optional[Divergence]
+    steps: list
+    tolerance: dict
+    eos_token_id: Optional[int] = None
+    pad_token_id: int = 0
+    notes: list = field(default_factory=list)
+
+    @property
+    def tokens_identical(self) -> bool:
+        """True when both sides generated exactly the same tokens (same length too)."""
+        return self.divergence is None
+
+    @property
+    def logits_passed(self) -> bool:
+        """True when every step's logits pass the tolerance."""
+        return all(s.passed for s in self.steps)
+
+    @property
+    def first_failing_step(self) -> Optional[int]:
+        """First step whose logits fail the tolerance, or None."""
+        return next((s.step for s in self.steps if not s.passed), None)
+
+    @property
+    def passed(self) -> bool:
+        """Tokens identical and every step's logits within tolerance."""
+        return self.tokens_identical and self.logits_passed
+
+    @property
+    def verdict(self) -> str:
+        """One line: identical, near-tie flip, or a real divergence, with the step."""
+        d = self.divergence
+        if d is None:
+            if self.logits_passed:
+                steps = len(self.hf_tokens[0]) if self.hf_tokens else 0
+                return f"tokens identical over {steps} steps, logits within tolerance"
+            return f"tokens identical, but logits exceed the tolerance from step {self.first_failing_step}"
+        where = f"row {d.row}, step {d.step}: HF {d.hf_token} vs FMS {d.fms_token}"
+        if d.kind == "near-tie":
+            return (f"near-tie flip at {where} (HF margin {d.hf_margin:.3g}, FMS margin {d.fms_margin:.3g} log-prob;"
+                    " logits within tolerance)")
+        return f"divergence at {where}; logits exceed the tolerance (first failing step {self.first_failing_step})"
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict (non-finite floats as strings ``"nan"``, ``"inf"``, ``"-inf"``)."""
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["divergence"] = None if self.divergence is None else dict(vars(self.divergence))
+        out["steps"] = [dict(vars(s)) for s in self.steps]
+        out["verdict"] = self.verdict
+        out["passed"] = self.passed
+        return _json_safe(out)
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GenerationParity":
+        """Inverse of ``to_dict`` (derived fields ``verdict`` / ``passed`` are recomputed)."""
+        kw = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        kw["steps"] = [StepError(**{**s, "rel_l2": _float(s["rel_l2"]), "max_abs": _float(s["max_abs"])})
+                       for s in data["steps"]]
+        d = data.get("divergence")
+        kw["divergence"] = None if d is None else Divergence(
+            **{**d, "hf_margin": _float(d["hf_margin"]), "fms_margin": _float(d["fms_margin"])})
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GenerationParity":
+        return cls.from_dict(json.loads(text))
+
+
+def _float(x: Any) -> float:
+    return float(x)
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+# -- the comparison --------------------------------------------------------------------------------------------------
+
+
+def _get(inputs: Any, name: str) -> Any:
+    if isinstance(inputs, Mapping):
+        return inputs.get(name)
+    return getattr(inputs, name, None)
+
+
+def _top(logprobs: torch.Tensor, k: int) -> tuple[list, float]:
+    values, tokens = torch.topk(logprobs.double(), min(k, logprobs.numel()))
+    margin = float(values[0] - values[1]) if values.numel() > 1 else float("inf")
+    return [[int(t), float(v)] for t, v in zip(tokens, values)], margin
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare_generation(
+    hf_model: torch.nn.Module,
+    fms_model: torch.nn.Module,
+    inputs: Any,
+    max_new_tokens: int = 32,
+    *,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+    tolerance: Optional[Tolerance] = None,
+    top: int = 5,
+) -> GenerationParity:
+    """Greedy generation on both models from the same inputs; see the module docstring for what is measured.
+
+    Args:
+        hf_model: transformers ``GraniteSpeechForConditionalGeneration`` (eval; its peft adapter, if any, is toggled
+            by its own ``generate``: on with audio, off without).
+        fms_model: ``fms_granite_speech.model.GraniteSpeech`` with the same weights, same dtype and device.
+        inputs: a mapping or an object (e.g. ``parity.pair.ParityInputs``) with ``input_ids`` int64 [B, L] and
+            optionally ``attention_mask`` [B, L], ``input_features`` [B_audio, T, 160], ``input_features_mask``
+            bool [B_audio, N]. Without ``attention_mask``, it is inferred as HF's ``generate`` infers it
+            (``input_ids != pad_token_id`` when the pad id occurs, else all ones) and the same mask is given to
+            both sides.
+        max_new_tokens: tokens to generate (>= 1).
+        eos_token_id: stop id for both sides, or None (the default) to generate all ``max_new_tokens`` (HF's model
+            generation config is overridden, so its own EOS does not apply).
+        pad_token_id: pad / post-EOS filler id; default the FMS decoder's ``pad_id`` (0 when unset).
+        tolerance: per-step logits bound; default ``default_tolerance`` of the models' dtype.
+        top: how many top log-probs to report at the divergence.
+
+    Returns:
+        GenerationParity.
+
+    Raises:
+        ValueError: missing ``input_ids``, ``max_new_tokens < 1``, or inputs the models reject (message passed on).
+    """
+    input_ids = _get(inputs, "input_ids")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("inputs need input_ids, an int64 tensor [B, L]")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    from fms_granite_speech.generation import transcribe_ids
+
+    features = _get(inputs, "input_features")
+    features_mask = _get(inputs, "input_features_mask")
+    attention_mask = _get(inputs, "attention_mask")
+    config = fms_model.config
+    scaling = float(config.decoder.logits_scaling)
+    if pad_token_id is None:
+        pad_token_id = config.decoder.pad_id if config.decoder.pad_id >= 0 else 0
+    notes = [
+        f"logits error on HF's scale: FMS logits x logits_scaling ({scaling:g}); transformers 5.x Granite Speech "
+        "does not divide by logits_scaling, FMS (and transformers 4.x) does",
+        "log-probs and margins: log_softmax(logits / logits_scaling) on both sides (the model's own distribution)",
+        "per-step logits: FMS teacher-forced on HF's tokens, so every step compares the same prefix",
+    ]
+    if attention_mask is None:
+        if bool((input_ids == pad_token_id).any()):
+            attention_mask = (input_ids != pad_token_id).long()
+            notes.append(f"attention_mask inferred from pad id {pad_token_id} (as HF generate does)")
+        else:
+            attention_mask = torch.ones_like(input_ids)
+    device = next(fms_model.parameters()).device
+    dtype = next(fms_model.parameters()).dtype
+    tol = tolerance if tolerance is not None else default_tolerance(dtype)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+
+    hf_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if features is not None:
+        hf_kwargs.update(input_features=features.to(device=device, dtype=dtype),
+                         input_features_mask=None if features_mask is None else features_mask.to(device))
+    with torch.no_grad():
+        hf_out = hf_model.generate(**hf_kwargs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, output_logits=True,
+                                   return_dict_in_generate=True)
+    prompt_len = input_ids.shape[1]
+    hf_new = hf_out.sequences[:, prompt_len:]
+    hf_logits = [lg.float() for lg in hf_out.logits]
+
+    fms_out = transcribe_ids(fms_model, input_ids, features, features_mask, attention_mask=attention_mask,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    fms_new = fms_out[:, _packed_len(attention_mask):]
+    forced_logits: list[torch.Tensor] = []
+    transcribe_ids(fms_model, input_ids, features, features_mask, attention_mask=attention_mask,
+                   forced_tokens=hf_new, pad_token_id=pad_token_id,
+                   step_callback=lambda step, logits, tokens: forced_logits.append(logits.float() * scaling))
+
+    steps = []
+    for s, (f, h) in enumerate(zip(forced_logits, hf_logits)):
+        d = compare_tensors(f, h.to(f.device), tol)
+        steps.append(StepError(step=s, rel_l2=float(d.rel_l2), max_abs=float(d.max_abs), passed=bool(d.passed)))
+
+    hf_rows, fms_rows = hf_new.tolist(), fms_new.tolist()
+    row_first = [_first_difference(h, f) for h, f in zip(hf_rows, fms_rows)]
+    divergence = None
+    candidates = [(s, r) for r, s in enumerate(row_first) if s is not None]
+    if candidates:
+        step, row = min(candidates)
+        hf_tok = hf_rows[row][step] if step < len(hf_rows[row]) else None
+        fms_tok = fms_rows[row][step] if step < len(fms_rows[row]) else None
+        hf_top = fms_top = []
+        hf_margin = fms_margin = float("nan")
+        logits_ok = step < len(steps) and steps[step].passed
+        if step < len(hf_logits) and step < len(forced_logits):
+            hf_top, hf_margin = _top(torch.log_softmax(hf_logits[step][row].double() / scaling, -1), top)
+            fms_top, fms_margin = _top(torch.log_softmax(forced_logits[step][row].double() / scaling, -1), top)
+        divergence = Divergence(row=row, step=step, hf_token=hf_tok, fms_token=fms_tok, hf_top=hf_top,
+                                fms_top=fms_top, hf_margin=hf_margin, fms_margin=fms_margin,
+                                kind="near-tie" if logits_ok else "logits-mismatch")
+    return GenerationParity(
+        batch_size=input_ids.shape[0], prompt_length=prompt_len, max_new_tokens=max_new_tokens,
+        adapter="on" if features is not None else "off", dtype=str(dtype).removeprefix("torch."),
+        logits_scaling=scaling, hf_tokens=hf_rows, fms_tokens=fms_rows, row_first_divergence=row_first,
+        divergence=divergence, steps=steps, tolerance=tol.to_dict(), eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, notes=notes,
+    )
+
+
+def _packed_len(attention_mask: torch.Tensor) -> int:
+    """Prompt length after ``transcribe_ids`` re-packs the rows left-aligned: the longest real row."""
+    return int((attention_mask != 0).sum(dim=1).max())
+
+
+# -- rendering -------------------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float) -> str:
+    return "-" if x is None else (str(x) if isinstance(x, str) or not math.isfinite(x) else f"{x:.3e}")
+
+
+def format_table(result: GenerationParity, tokenizer: Any = None, tablefmt: str = "simple") -> str:
+    """The result as text: a verdict line, a per-step table, the top-k at the first divergence, the notes.
+
+    Args:
+        result: from ``compare_generation`` (or ``GenerationParity.from_json``).
+        tokenizer: optional; shows each token's text next to its id.
+        tablefmt: a ``tabulate`` format.
+    """
+    def tok(t: Optional[int]) -> str:
+        if t is None:
+            return "-"
+        if tokenizer is None:
+            return str(t)
+        return f"{t} {tokenizer.convert_ids_to_tokens(int(t))!r}"
+
+    lines = [f"generation parity: batch {result.batch_size}, prompt {result.prompt_length} tokens, "
+             f"{result.max_new_tokens} new tokens max, adapter {result.adapter}, {result.dtype}",
+             f"verdict: {result.verdict}", ""]
+    rows = []
+    for s in result.steps:
+        hf = [r[s.step] if s.step < len(r) else None for r in result.hf_tokens]
+        fm = [r[s.step] if s.step < len(r) else None for r in result.fms_tokens]
+        mark = "" if hf == fm else "<- differ"
+        rows.append([s.step, " ".join(tok(t) for t in hf), " ".join(tok(t) for t in fm), _fmt(s.rel_l2),
+                     _fmt(s.max_abs), "ok" if s.passed else "FAIL", mark])
+    lines.append(tabulate(rows, headers=("step", "HF tokens", "FMS tokens", "logits rel-L2", "max abs", "tol", ""),
+                          tablefmt=tablefmt, disable_numparse=True))
+    d = result.divergence
+    if d is not None:
+        lines += ["", f"first divergence: row {d.row}, step {d.step} ({d.kind}); top-{len(d.hf_top)} log-probs:"]
+        top_rows = []
+        for i in range(max(len(d.hf_top), len(d.fms_top))):
+            h = d.hf_top[i] if i < len(d.hf_top) else [None, None]
+            f = d.fms_top[i] if i < len(d.fms_top) else [None, None]
+            top_rows.append([i + 1, tok(h[0]), _fmt(h[1]), tok(f[0]), _fmt(f[1])])
+        lines.append(tabulate(top_rows, headers=("rank", "HF token", "HF log-prob", "FMS token", "FMS log-prob"),
+                              tablefmt=tablefmt, disable_numparse=True))
+        lines.append(f"margin top-1 - top-2: HF {_fmt(d.hf_margin)}, FMS {_fmt(d.fms_margin)} (log-prob)")
+    lines.append("")
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+# -- command line ----------------------------------------------------------------------------------------------------
+
+
+def add_cli(subparsers: Any) -> Any:
+    """Register ``generate`` on an ``argparse`` sub-parsers object; the handler is ``args.func`` (``cmd_generate``).
+
+    ``parity generate [--variant tiny | --checkpoint DIR] [--audio PATH ...] [--text-only] [--prompt TEXT]
+    [--max-new-tokens N] [--eos-token-id ID] [--seed N] [--dtype ...] [--device ...] [--json PATH]``
+    """
+    p = subparsers.add_parser("generate", help="greedy generation on both models: first differing token, per-step "
+                                               "logits error")
+    p.add_argument("--variant", default="tiny", help="named config for random weights (default: tiny)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="HF-format checkpoint folder")
+    p.add_argument("--audio", action="append", default=None, metavar="PATH",
+                   help="WAV file (repeatable: a batch; default: the shipped clip)")
+    p.add_argument("--text-only", action="store_true", help="no audio: a text prompt, LoRA adapter off on both sides")
+    p.add_argument("--prompt", default=None, help="prompt text (with one <|audio|> per clip unless --text-only)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--eos-token-id", type=int, default=None, help="stop id (default: none, generate all tokens)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed for random weights (default: 0)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON here")
+    p.set_defaults(func=cmd_generate)
+    return p
+
+
+def cmd_generate(args: Any) -> int:
+    """Run ``parity generate``: exit 0 when tokens are identical and logits within tolerance, 1 otherwise, 2 for a
+    usage error (printed as one line on stderr)."""
+    try:
+        if args.text_only and args.audio:
+            raise ValueError("--text-only and --audio exclude each other")
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        for path in args.audio or []:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"audio file not found: {path}")
+        from parity.pair import DEFAULT_PROMPT, build_inputs, build_pair
+
+        pair = build_pair(variant=args.variant, checkpoint=args.checkpoint, seed=args.seed, dtype=args.dtype,
+                          device=args.device)
+        if args.text_only:
+            text = args.prompt or DEFAULT_TEXT_PROMPT
+            if "<|audio|>" in text:
+                raise ValueError("a --text-only prompt must not contain <|audio|>")
+            enc = pair.get_tokenizer()([text], return_tensors="pt")
+            inputs: Any = {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+            source = "text-only"
+        else:
+            inputs = build_inputs(pair, audio=args.audio, prompt=args.prompt or DEFAULT_PROMPT)
+            source = "audio " + ", ".join(inputs.audio)
+        result = compare_generation(pair.hf, pair.fms, inputs, max_new_tokens=args.max_new_tokens,
+                                    eos_token_id=args.eos_token_id)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"parity generate: error: {message}", file=sys.stderr)
+        return 2
+    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"variant {args.variant}, seed {args.seed}"
+    print(f"parity generate: {weights}, {source}")
+    print(format_table(result, tokenizer=pair.get_tokenizer()))
+    if args.json:
+        Path(args.json).write_text(result.to_json())
+        print(f"json: {args.json}")
+    return 0 if result.passed else 1
