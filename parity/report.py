@@ -7,19 +7,38 @@ re-checked (``compare.recheck``) later without the models.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
+import re
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Mapping, Optional, Union
 
 from tabulate import tabulate
 
 from parity.compare import LayerResult, ParityResult
 
-__all__ = ["DEFAULT_REPORT_DIR", "format_table", "render_markdown", "summary_lines", "write_report"]
+__all__ = [
+    "DEFAULT_REPORT_DIR",
+    "depth_series",
+    "environment",
+    "format_table",
+    "plot_depth",
+    "regenerate",
+    "render_markdown",
+    "result_mode",
+    "summary_lines",
+    "write_report",
+    "write_suite_report",
+]
 
 DEFAULT_REPORT_DIR = "parity-report"
 JSON_NAME = "parity-report.json"
 MD_NAME = "parity-report.md"
+PNG_NAME = "parity-report.png"
+SUITE_JSON, SUITE_MD, SUITE_PNG = "parity-suite.json", "parity-suite.md", "parity-depth.png"
+REL_L2_FLOOR = 1e-12  # where an exact match (rel-L2 == 0) is drawn on the log axis
 
 HEADERS = ("layer", "max abs", "mean abs", "rel-L2", "cosine", "max ULP", "worst index", "result")
 
@@ -86,8 +105,10 @@ def _md_cell(value) -> str:
     return "" if value is None else str(value).replace("|", "\\|")
 
 
-def render_markdown(result: ParityResult) -> str:
-    """The full Markdown report: verdict, provenance, notes (every transform stated), all layers, exclusions."""
+def render_markdown(result: ParityResult, png_name: Optional[str] = None) -> str:
+    """The full Markdown report: verdict, provenance (environment, versions, config, dtype, device, seed, audio and a
+    command that reproduces the run), notes (every transform stated), the depth plot ``png_name`` when given, all
+    layers, exclusions."""
     p, inp = result.provenance, result.inputs
     verdict = "PASS" if result.passed else "FAIL"
     out = [f"# Parity report: {verdict}", ""]
@@ -110,11 +131,16 @@ def render_markdown(result: ParityResult) -> str:
         ("audio tokens", inp.get("audio_tokens")),
         ("sections run", ", ".join(result.sections)),
         ("tolerance", _tolerance_line(result)),
+        ("mode", result_mode(result)),
         ("elapsed", f"{result.elapsed_s:.2f} s"),
     ] + [(name, version) for name, version in result.versions.items()]
+    rows += [(f"env {k}", v) for k, v in (p.get("environment") or {}).items()]
+    rows += [("config", _config_line(result.config)), ("reproduce", _reproduce(result))]
     out += [tabulate([(k, _md_cell(v)) for k, v in rows], headers=("", ""), tablefmt="github"), ""]
     if result.notes:
         out += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
+    if png_name:
+        out += ["## Error against depth", "", f"![rel-L2 against depth]({png_name})", ""]
     out += ["## Layers (execution order)", "", format_table(result, [r.name for r in result.layers], "github"), ""]
     failures = [r for r in result.layers if not r.passed]
     if failures:
@@ -125,10 +151,13 @@ def render_markdown(result: ParityResult) -> str:
     return "\n".join(out)
 
 
-def write_report(result: ParityResult, out_dir: Union[str, Path] = DEFAULT_REPORT_DIR) -> tuple[Path, Path]:
-    """Write ``parity-report.json`` and ``parity-report.md`` into ``out_dir`` (created if needed).
+def write_report(result: ParityResult, out_dir: Union[str, Path] = DEFAULT_REPORT_DIR,
+                 add_environment: bool = True) -> tuple[Path, Path]:
+    """Write ``parity-report.json``, ``parity-report.md`` and the depth plot ``parity-report.png`` into ``out_dir``.
 
-    The Markdown is rendered from the JSON just written, read back, so both always agree.
+    The Markdown and the plot are rendered from the JSON just written, read back, so all three always agree. When the
+    result's provenance has no ``environment``, the current process's (``environment()``) is added first: call this
+    right after ``run_parity`` in the same process, as the CLI does (``add_environment=False`` to leave it out).
 
     Returns:
         ``(json_path, markdown_path)``.
@@ -137,12 +166,223 @@ def write_report(result: ParityResult, out_dir: Union[str, Path] = DEFAULT_REPOR
         ValueError: ``out_dir`` exists and is not a folder, or cannot be created/written (the OS reason is given).
     """
     out = Path(out_dir)
+    if add_environment:
+        result.provenance.setdefault("environment", environment())
     try:
         out.mkdir(parents=True, exist_ok=True)
         json_path = out / JSON_NAME
         json_path.write_text(result.to_json() + "\n")
+        saved = ParityResult.from_json(json_path.read_text())
+        plot_depth({result_mode(saved): saved}, out / PNG_NAME,
+                   title=f"parity: {saved.provenance.get('variant') or saved.provenance.get('checkpoint')}, "
+                         f"{saved.provenance.get('dtype')}")
         md_path = out / MD_NAME
-        md_path.write_text(render_markdown(ParityResult.from_json(json_path.read_text())))
+        md_path.write_text(render_markdown(saved, png_name=PNG_NAME))
     except (FileExistsError, NotADirectoryError, PermissionError, IsADirectoryError) as err:
         raise ValueError(f"cannot write the parity report to {out}: {err}") from None
     return json_path, md_path
+
+
+# -- environment, depth plot, suite report, regeneration --------------------------------------------------------------
+
+
+def environment() -> dict:
+    """Where this process runs: OS, machine, CPU count, torch threads, CUDA device name/capability, env knobs.
+
+    Stored in a result's provenance so a run can be reproduced (the library versions are in ``result.versions``).
+    """
+    import torch
+
+    env = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    if torch.cuda.is_available():
+        env["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    for var in ("HYPOTHESIS_PROFILE", "CUBLAS_WORKSPACE_CONFIG", "PYTORCH_CUDA_ALLOC_CONF"):
+        if os.environ.get(var):
+            env[var] = os.environ[var]
+    return env
+
+
+def result_mode(result: ParityResult) -> str:
+    """The execution mode a result was taken in (``eager``, ``compiled``, ``drift``...): the result's ``mode``
+    attribute or ``provenance["mode"]`` when set, else ``eager``."""
+    return str(getattr(result, "mode", None) or result.provenance.get("mode") or "eager")
+
+
+def _config_line(config: dict) -> str:
+    e, p, d = (config or {}).get("encoder", {}), (config or {}).get("projector", {}), (config or {}).get("decoder", {})
+    if not e:
+        return "-"
+    return (f"encoder {e.get('num_layers')}x{e.get('hidden_dim')} (context {e.get('context_size')}), "
+            f"projector {p.get('num_layers')}x{p.get('hidden_size')} (window {p.get('window_size')}), "
+            f"decoder {d.get('nlayers')}x{d.get('emb_dim')} (full config in the JSON)")
+
+
+def _reproduce(result: ParityResult) -> str:
+    p, inp = result.provenance, result.inputs
+    cmd = ["parity diff"]
+    cmd.append(f"--checkpoint {p['checkpoint']}" if p.get("checkpoint") else f"--variant {p.get('variant')}")
+    if p.get("seed") is not None and not p.get("checkpoint"):
+        cmd.append(f"--seed {p['seed']}")
+    cmd += [f"--dtype {p.get('dtype')}", f"--device {p.get('device')}"]
+    audio = inp.get("audio") or []
+    if audio and all(not a.startswith("tensor[") for a in audio):
+        cmd += [f"--audio {a}" for a in audio]
+    elif audio:
+        cmd.append("(tensor audio: see inputs.audio in the JSON)")
+    return " ".join(cmd)
+
+
+_DEPTH = re.compile(r"^(encoder\.input_linear|encoder\.blocks\.\d+|projector\.layers\.\d+|projector|"
+                    r"decoder\.merged_embeddings|decoder\.layers\.\d+|decoder\.norm|logits)$")
+
+
+def depth_series(result: ParityResult) -> tuple[list[str], list[Optional[float]]]:
+    """(layer names, rel-L2) along the depth of the model: the input projection, each encoder block, each Q-Former
+    layer, the projector output, the merged embeddings, each decoder block, the final norm and the logits, in
+    execution order. rel-L2 is None where the layer has no diff (it did not run or could not be compared)."""
+    names, values = [], []
+    for r in result.layers:
+        if _DEPTH.match(r.name):
+            names.append(r.name)
+            values.append(None if r.diff is None else float(r.diff.rel_l2))
+    return names, values
+
+
+def plot_depth(results: Mapping[str, ParityResult], path: Union[str, Path], title: str = "parity") -> Path:
+    """PNG of rel-L2 (log scale) against depth: one line per entry of ``results`` (label -> result; a mode such as
+    ``eager`` / ``compiled`` / ``drift``), sections separated by vertical lines, each line's first failing depth
+    point circled. Exact matches (rel-L2 0) are drawn at ``REL_L2_FLOOR``. Uses matplotlib's Agg backend.
+
+    Returns the path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    order: list[str] = []
+    for res in results.values():
+        for n in depth_series(res)[0]:
+            if n not in order:
+                order.append(n)
+    x_of = {n: k for k, n in enumerate(order)}
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.22 * len(order) + 3), 4.5), dpi=110)
+    for label, res in results.items():
+        names, vals = depth_series(res)
+        xs = [x_of[n] for n, v in zip(names, vals) if v is not None and not math.isnan(v)]
+        ys = [max(v, REL_L2_FLOOR) for v in vals if v is not None and not math.isnan(v)]
+        line, = ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=label)
+        failed = {r.name for r in res.layers if not r.passed}
+        bad = [(x_of[n], max(v, REL_L2_FLOOR)) for n, v in zip(names, vals) if n in failed and v is not None
+               and not math.isnan(v)]
+        if bad:
+            ax.plot(*bad[0], marker="o", markersize=10, markerfacecolor="none", color=line.get_color())
+    ax.set_yscale("log")
+    ax.set_ylabel("rel-L2 (FMS vs HF)")
+    ax.set_title(title)
+    edges, last = [], None
+    for k, n in enumerate(order):
+        sec = n.split(".", 1)[0] if n != "logits" else "decoder"
+        if last is not None and sec != last:
+            edges.append((k - 0.5, sec))
+        last = sec
+    for x, sec in edges:
+        ax.axvline(x, color="0.6", linestyle="--", linewidth=0.8)
+    for sec, start in [("encoder", 0)] + [(s, x + 0.5) for x, s in edges]:
+        ax.text(start, 1.02, sec, transform=ax.get_xaxis_transform(), fontsize=8, color="0.35")
+    step = max(1, len(order) // 40)
+    ticks = list(range(0, len(order), step))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([_short(order[t]) for t in ticks], rotation=70, fontsize=7)
+    ax.axhline(REL_L2_FLOOR, color="0.85", linewidth=0.6)
+    ax.grid(True, which="major", axis="y", alpha=0.3)
+    ax.text(len(order) - 0.5, REL_L2_FLOOR, "exact (0)", fontsize=7, color="0.45", ha="right", va="bottom")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _short(name: str) -> str:
+    return (name.replace("encoder.blocks.", "enc.").replace("projector.layers.", "qf.")
+            .replace("decoder.layers.", "dec.").replace("decoder.merged_embeddings", "embed")
+            .replace("encoder.input_linear", "enc.in").replace("decoder.norm", "norm"))
+
+
+def _plot_labels(results: Mapping[str, ParityResult]) -> dict[str, ParityResult]:
+    """One plot label per result: its mode when the modes are distinct, else ``name (mode)``."""
+    modes = [result_mode(r) for r in results.values()]
+    if len(set(modes)) == len(modes):
+        return {m: r for m, r in zip(modes, results.values())}
+    return {f"{name} ({result_mode(r)})": r for name, r in results.items()}
+
+
+def write_suite_report(results: Mapping[str, ParityResult], out_dir: Union[str, Path] = DEFAULT_REPORT_DIR
+                       ) -> tuple[Path, Path, Path]:
+    """ONE report for many results (a parity suite): ``parity-suite.json`` ({name: result}), ``parity-suite.md``
+    (a verdict line per result, then each result's full report) and ``parity-depth.png`` (every result on one
+    depth plot). The Markdown and plot are rendered from the JSON read back.
+
+    Returns ``(json_path, md_path, png_path)``.
+
+    Raises:
+        ValueError: ``results`` is empty, or ``out_dir`` cannot be written.
+    """
+    if not results:
+        raise ValueError("write_suite_report needs at least one ParityResult")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        jp = out / SUITE_JSON
+        jp.write_text(json.dumps({"results": {k: v.to_dict() for k, v in results.items()}}, indent=1,
+                                 allow_nan=False) + "\n")
+        return (jp,) + _render_suite(jp, out)
+    except (FileExistsError, NotADirectoryError, PermissionError, IsADirectoryError) as err:
+        raise ValueError(f"cannot write the parity suite report to {out}: {err}") from None
+
+
+def _render_suite(json_path: Path, out: Path) -> tuple[Path, Path]:
+    doc = json.loads(json_path.read_text())
+    results = {k: ParityResult.from_dict(v) for k, v in doc["results"].items()}
+    png = plot_depth(_plot_labels(results), out / SUITE_PNG, title=f"parity suite ({len(results)} results)")
+    ok = all(r.passed for r in results.values())
+    lines = [f"# Parity suite: {'PASS' if ok else 'FAIL'}", "", f"![rel-L2 against depth]({SUITE_PNG})", "",
+             "| result | mode | variant | dtype | verdict | first divergent layer |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        p = r.provenance
+        lines.append(f"| {_md_cell(name)} | {result_mode(r)} | {p.get('variant') or p.get('checkpoint')} | "
+                     f"{p.get('dtype')} | {'pass' if r.passed else 'FAIL'} | {r.first_divergent or 'none'} |")
+    for name, r in results.items():
+        body = render_markdown(r).replace("# Parity report", "## Parity report", 1).replace("\n## ", "\n### ")
+        lines += ["", f"# {_md_cell(name)}", "", body.replace("### Parity report", "## Parity report", 1)]
+    md = out / SUITE_MD
+    md.write_text("\n".join(lines) + "\n")
+    return md, png
+
+
+def regenerate(json_path: Union[str, Path], out_dir: Union[None, str, Path] = None) -> list[Path]:
+    """Re-render the Markdown and PNG of a saved report from its JSON alone (no model is built).
+
+    ``json_path`` is a single result (``parity-report.json``) or a merged suite (``parity-suite.json``); ``out_dir``
+    defaults to the JSON's folder (a copy of the JSON is written there when it differs).
+
+    Returns the paths written. Raises:
+        FileNotFoundError: no such file. ValueError: neither a parity result nor a suite file.
+    """
+    src = Path(json_path)
+    if not src.is_file():
+        raise FileNotFoundError(f"report JSON not found: {src}")
+    out = Path(out_dir) if out_dir is not None else src.parent
+    text = src.read_text()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{src} is not JSON: {err}") from None
+    if isinstance(doc, dict) and "results" in doc and "layers" not in doc:
+        results = {k: ParityResult.from_dict(v) for k, v in doc["results"].items()}
+        return list(write_suite_report(results, out))
+    return list(write_report(ParityResult.from_json(text), out, add_environment=False)) + [out / PNG_NAME]

@@ -1,0 +1,232 @@
+"""Property-based parity: hypothesis strategies over audio lengths and batch compositions, and the property itself.
+
+Lengths are drawn in samples (16 kHz) around the places where length-dependent code paths change behaviour, all
+derived from the config (``hop 160`` samples per mel frame, 2 mel frames per encoder frame, so one encoder frame is
+320 samples; REFERENCE section 1, feature extractor):
+
+* the projector window (``projector.window_size`` encoder frames, 15): shorter than one window, exact multiples and
+  +-1 around them (the last window is zero-padded unless ``T % window == 0``);
+* the encoder's attention block (``encoder.context_size`` encoder frames: 200 real, 32 tiny): +-1 around one and
+  two blocks (the last block is zero-padded and masked unless ``T % context == 0``);
+* odd mel-frame counts (the feature extractor drops the last mel frame when the count is odd);
+* long clips spanning several attention blocks.
+
+Audio content is a real shipped speech clip (``features.shipped_audio``) cropped, or tiled when too short, to the
+drawn length from a drawn offset; nothing is synthesised.
+
+``check_parity(pair, audio_batch)`` is the property: it runs ``compare.run_parity`` and raises ``AssertionError``
+naming the first divergent layer, so hypothesis shrinks a failure to the smallest failing length and batch.
+Profiles: ``ci`` (few examples) and ``nightly`` (thorough), chosen with ``HYPOTHESIS_PROFILE`` (``fuzz_settings``);
+examples that failed are kept in ``.hypothesis/examples`` between runs and replayed first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+from fms_granite_speech.config import GraniteSpeechConfig
+
+__all__ = [
+    "HOP_SAMPLES",
+    "MIN_SAMPLES",
+    "PROFILES",
+    "SAMPLES_PER_FRAME",
+    "AudioClip",
+    "audio_batches",
+    "audio_clips",
+    "check_parity",
+    "edge_frame_counts",
+    "encoder_frames",
+    "fuzz_settings",
+    "lengths",
+    "make_waveform",
+    "samples_for_frames",
+]
+
+HOP_SAMPLES = 160                   # samples per mel frame (feature extractor hop_length at 16 kHz)
+SAMPLES_PER_FRAME = 2 * HOP_SAMPLES  # one encoder frame = two stacked mel frames = 320 samples = 20 ms
+MIN_SAMPLES = 257                    # the extractor's reflect padding (n_fft // 2 = 256) needs more samples than that
+SAMPLING_RATE = 16_000
+
+EXAMPLE_DB = os.path.join(".hypothesis", "examples")
+
+# -- profiles -----------------------------------------------------------------------------------------------------------
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                                    HealthCheck.data_too_large])
+PROFILES = {"ci": dict(max_examples=8, **_COMMON), "nightly": dict(max_examples=300, **_COMMON)}
+for _name, _kw in PROFILES.items():
+    settings.register_profile(_name, database=DirectoryBasedExampleDatabase(EXAMPLE_DB), **_kw)
+
+
+def fuzz_settings(profile: Optional[str] = None) -> settings:
+    """The hypothesis ``settings`` of ``profile`` (default: ``$HYPOTHESIS_PROFILE``, else ``ci``).
+
+    The profiles are registered globally but never loaded globally, so other hypothesis tests keep their own settings;
+    decorate parity properties with ``@fuzz_settings()``.
+
+    Raises:
+        ValueError: an unknown profile name (the message lists ``PROFILES``).
+    """
+    name = profile or os.environ.get("HYPOTHESIS_PROFILE") or "ci"
+    if name not in PROFILES:
+        raise ValueError(f"unknown hypothesis profile {name!r} for parity fuzzing; use one of {', '.join(PROFILES)} "
+                         "(set HYPOTHESIS_PROFILE)")
+    return settings.get_profile(name)
+
+
+# -- lengths --------------------------------------------------------------------------------------------------------
+
+
+def encoder_frames(samples: int) -> int:
+    """Encoder frames for ``samples`` of audio: ``(samples // 160 + 1) // 2`` (REFERENCE section 1)."""
+    return (samples // HOP_SAMPLES + 1) // 2
+
+
+def samples_for_frames(frames: int, odd_mel: bool = False, offset: int = 0) -> int:
+    """A sample count giving exactly ``frames`` encoder frames.
+
+    ``frames`` encoder frames come from ``2*frames`` mel frames (``samples // 160 = 2*frames - 1``) or, with
+    ``odd_mel``, from ``2*frames + 1`` mel frames whose last one is dropped (``samples // 160 = 2*frames``).
+    ``offset`` (0..159 samples) moves within that hop. The result is raised to ``MIN_SAMPLES`` (which still gives one
+    frame) when smaller.
+
+    Raises:
+        ValueError: ``frames < 1`` or ``offset`` outside 0..159.
+    """
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1 encoder frame, got {frames}")
+    if not 0 <= offset < HOP_SAMPLES:
+        raise ValueError(f"offset must be in 0..{HOP_SAMPLES - 1} samples, got {offset}")
+    hops = 2 * frames if odd_mel else 2 * frames - 1
+    return max(MIN_SAMPLES, hops * HOP_SAMPLES + offset)
+
+
+def edge_frame_counts(config: GraniteSpeechConfig, long_blocks: int = 3) -> list[int]:
+    """Encoder frame counts at the length edges of ``config``, ascending, without duplicates.
+
+    1 frame; projector window ``w``: ``w-1, w, w+1, 2w-1, 2w, 2w+1``; encoder attention block ``c``:
+    ``c-1, c, c+1, 2c-1, 2c, 2c+1``; and a long clip of ``long_blocks`` blocks and a bit (``long_blocks*c + w + 1``),
+    which spans several attention blocks and ends mid-window.
+    """
+    w, c = config.projector.window_size, config.encoder.context_size
+    edges = {1, w - 1, w, w + 1, 2 * w - 1, 2 * w, 2 * w + 1, c - 1, c, c + 1, 2 * c - 1, 2 * c, 2 * c + 1,
+             long_blocks * c + w + 1}
+    return sorted(e for e in edges if e >= 1)
+
+
+def lengths(config: GraniteSpeechConfig, max_frames: Optional[int] = None) -> st.SearchStrategy[int]:
+    """Audio lengths in samples: an edge frame count (``edge_frame_counts``) with an even or odd mel-frame count and
+    an offset within the hop, or any length from ``MIN_SAMPLES`` up to ``max_frames`` encoder frames.
+
+    Any length comes first so that hypothesis shrinks a failure towards the shortest failing clip.
+    ``max_frames`` defaults to the longest edge.
+    """
+    edges = edge_frame_counts(config)
+    top = max_frames or max(edges)
+    edges = [e for e in edges if e <= top]
+    anywhere = st.integers(MIN_SAMPLES, samples_for_frames(top, odd_mel=True, offset=HOP_SAMPLES - 1))
+    at_edge = st.builds(samples_for_frames, st.sampled_from(edges), st.booleans(),
+                        st.integers(0, HOP_SAMPLES - 1))
+    return st.one_of(anywhere, at_edge)
+
+
+# -- audio ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioClip:
+    """A crop of a shipped speech clip: ``samples`` samples from ``offset`` on, tiled when the clip is too short."""
+
+    name: str
+    offset: int
+    samples: int
+
+    def __repr__(self) -> str:  # what hypothesis prints in a falsifying example
+        return (f"AudioClip({self.name!r}, offset={self.offset}, samples={self.samples} "
+                f"= {encoder_frames(self.samples)} encoder frames)")
+
+
+@functools.lru_cache(maxsize=None)
+def _speech(name: str) -> torch.Tensor:
+    from fms_granite_speech.features import load_wav, shipped_audio
+
+    wav, sr = load_wav(shipped_audio(name))
+    if sr != SAMPLING_RATE:
+        raise ValueError(f"shipped clip {name!r} is {sr} Hz; the fuzzer expects {SAMPLING_RATE} Hz")
+    return wav.mean(dim=0)
+
+
+def make_waveform(clip: AudioClip) -> torch.Tensor:
+    """The float32 waveform [clip.samples] of ``clip``: the shipped speech read circularly from ``clip.offset``.
+
+    Raises:
+        ValueError: unknown clip name (from ``features.shipped_audio``) or ``samples < 1``.
+    """
+    if clip.samples < 1:
+        raise ValueError(f"an audio clip needs at least 1 sample, got {clip.samples}")
+    speech = _speech(clip.name)
+    index = (torch.arange(clip.samples) + clip.offset) % speech.numel()
+    return speech[index].to(torch.float32)
+
+
+def audio_clips(config: GraniteSpeechConfig, max_frames: Optional[int] = None) -> st.SearchStrategy[AudioClip]:
+    """``AudioClip``s of a shipped speech clip with a length from ``lengths(config, max_frames)``."""
+    from fms_granite_speech.features import list_shipped_audio
+
+    names = list_shipped_audio()
+    return st.builds(AudioClip, st.sampled_from(names), st.integers(0, 50_000), lengths(config, max_frames))
+
+
+def audio_batches(config: GraniteSpeechConfig, max_batch: int = 3,
+                  max_frames: Optional[int] = None) -> st.SearchStrategy[list[AudioClip]]:
+    """Batches of 1..``max_batch`` clips of independent lengths (a mixed batch is zero-padded to its longest clip)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    return st.lists(audio_clips(config, max_frames), min_size=1, max_size=max_batch)
+
+
+# -- the property ---------------------------------------------------------------------------------------------------
+
+
+def check_parity(pair, audio_batch: Sequence[Union[AudioClip, torch.Tensor]],
+                 layers: Union[None, str, Sequence[str]] = None, tol=None):
+    """Run ``compare.run_parity`` on ``audio_batch`` and fail loudly on any divergence.
+
+    Args:
+        pair: a ``parity.pair.ModelPair``.
+        audio_batch: ``AudioClip``s or float waveforms [samples] at 16 kHz (one batch, zero-padded by the processor).
+        layers: parity layer names to run up to (default: the whole model, encoder to logits).
+        tol: a ``metrics.Tolerance`` (default: per dtype).
+
+    Returns:
+        the passing ``ParityResult``.
+
+    Raises:
+        AssertionError: some layer that ran diverges; the message starts with the first divergent layer (in execution
+            order), its reason, and the batch's lengths in samples and encoder frames.
+        ValueError: an empty batch.
+    """
+    from parity.compare import run_parity
+    from parity.pair import build_inputs
+
+    if not audio_batch:
+        raise ValueError("audio_batch is empty; give at least one AudioClip or waveform")
+    waves = [make_waveform(c) if isinstance(c, AudioClip) else c for c in audio_batch]
+    inputs = build_inputs(pair, audio=waves, sampling_rate=SAMPLING_RATE)
+    result = run_parity(pair, inputs, layers=layers, tol=tol)
+    first = result.first_failure()
+    if first is not None or not result.passed:
+        shown = first or next(r for r in result.requested_results() if not r.passed)
+        sizes = ", ".join(f"{w.numel()} samples/{encoder_frames(w.numel())} frames" for w in waves)
+        raise AssertionError(f"first divergent layer: {shown.name} -- {shown.reason} (batch of {len(waves)}: "
+                             f"{sizes})")
+    return result

@@ -1,0 +1,31 @@
+"""Fixtures of the parity suite: the tiny pair (one per process / xdist worker) and result recording."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parity.pair import build_pair
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    """The tiny variant, float32, seeded random weights (LoRA adapter included), HF and FMS."""
+    return build_pair("tiny", seed=0, dtype="float32")
+
+
+@pytest.fixture
+def record(request):
+    """``record(result, name=None)``: the plugin's ``parity_record`` when the plugin is loaded, else a no-op."""
+    if request.config.pluginmanager.has_plugin("parity.plugin"):
+        return request.getfixturevalue("parity_record")
+    return lambda result, name=None: result
