@@ -10,7 +10,7 @@ them is non-trivial, so each is actually tested.
 from __future__ import annotations
 
 import math
-from typing import Optional
+
 
 import torch
 from torch import nn

@@ -16,14 +16,6 @@ from parity.pathmap import UnknownLayerError
 BUDGET = default_tolerance(torch.float32).max_rel_l2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pair():
     return build_pair("tiny", seed=0)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 import fms_granite_speech.projector as projector_module
@@ -21,10 +19,7 @@ from parity.report import write_report, write_suite_report
 
 @pytest.fixture(scope="module")
 def pair():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield build_pair("tiny", seed=0)
-    torch.set_num_threads(before)
+    return build_pair("tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from parity.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_map(capsys):

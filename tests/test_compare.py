@@ -16,15 +16,6 @@ from parity.pathmap import UnknownLayerError, expand
 from parity.report import render_markdown, write_report
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pair():
     return build_pair("tiny", seed=0)

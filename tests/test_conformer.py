@@ -44,16 +44,6 @@ def _no_grad():
         yield
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny shapes gain nothing from threads, and on a shared 2-core machine OpenMP spinning made this module 2-3x
-    # slower (measured). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def hf_encoder():
     return build_hf_model(CONFIG, seed=0, lora=False).model.encoder

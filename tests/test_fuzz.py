@@ -20,10 +20,7 @@ TINY = get_config("tiny")
 
 @pytest.fixture(scope="module")
 def pair():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield build_pair("tiny", seed=0)
-    torch.set_num_threads(before)
+    return build_pair("tiny", seed=0)
 
 
 def test_edges_come_from_the_config():

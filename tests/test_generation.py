@@ -36,15 +36,6 @@ TEXT_PROMPT = "<|start_of_role|>user<|end_of_role|>please write a sentence about
               "<|start_of_role|>assistant<|end_of_role|>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _pair(config, seed=0):
     hf = build_hf_model(config, seed=seed)
     assert lora_weights_are_nontrivial(hf)

@@ -31,15 +31,6 @@ from fms_granite_speech.testing import (
 TOL = 1e-5  # relative L2 error of the logits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from threads; on a shared 2-core machine OpenMP spinning costs seconds per call."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
