@@ -4,6 +4,8 @@
     parity diff [--layer NAME ...] [--variant tiny | --checkpoint DIR] [--audio PATH ...] [--prompt TEXT]
                 [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--seed N] [--report-dir DIR] [--threads N]
     parity recheck REPORT.json [--atol X] [--rtol X] [--max-rel-l2 X] [--min-cosine X] [--report-dir DIR]
+    parity check [--out DIR] [-n WORKERS] [--thresholds JSON] [--update-baseline]
+    parity report RESULT.json [--out DIR]
 
 Exit codes: 0 the requested layers pass, 1 one of them fails, 2 a usage error (unknown layer, missing audio file,
 bad checkpoint folder, bad option); errors are one line on stderr, never a traceback.
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="parity",
         description="Layer-by-layer parity of the FMS Granite Speech model against the HF transformers reference.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{map,diff,recheck}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{map,diff,recheck,check,report}")
 
     p_map = sub.add_parser("map", help="print the HF <-> FMS module-path map")
     p_map.add_argument("--variant", default="tiny", help="config whose layer counts fill the map (default: tiny)")
@@ -61,6 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     p_re.add_argument("--layer", action="append", default=None, metavar="NAME", help="layers to show")
     p_re.add_argument("--report-dir", default=None, metavar="DIR",
                       help="write the rechecked report here (default: next to REPORT.json, suffixed -rechecked)")
+    p_check = sub.add_parser("check", help="pre-merge gate: run the CPU parity suite against parity/thresholds.json")
+    p_check.add_argument("--out", default="parity-report", metavar="DIR",
+                         help="report, JUnit XML and check verdict go here (default: parity-report/)")
+    p_check.add_argument("-n", "--workers", default="auto", help="pytest-xdist workers (default: auto; 0: none)")
+    p_check.add_argument("--thresholds", default=None, metavar="JSON", help="default: the committed parity/thresholds.json")
+    p_check.add_argument("--update-baseline", action="store_true",
+                         help="rewrite the thresholds from this run (only when every case passes)")
+
+    p_rep = sub.add_parser("report", help="regenerate the Markdown and PNG of a saved report from its JSON")
+    p_rep.add_argument("result", metavar="RESULT.json", help="parity-report.json or parity-suite.json")
+    p_rep.add_argument("--out", default=None, metavar="DIR", help="default: the JSON's folder")
     return parser
 
 
@@ -72,7 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # argparse has printed its message
         return int(exc.code or 0)
     try:
-        return {"map": _cmd_map, "diff": _cmd_diff, "recheck": _cmd_recheck}[args.command](args)
+        return {"map": _cmd_map, "diff": _cmd_diff, "recheck": _cmd_recheck,
+                "check": _cmd_check, "report": _cmd_report}[args.command](args)
     except _UsageError as err:
         print(f"parity {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -214,6 +228,30 @@ def _cmd_recheck(args) -> int:
     print(f"report: {json_path} {md_path}")
     shown = [r for r in new.layers if r.name in set(names or new.requested)]
     return EXIT_PASS if all(r.passed for r in shown) else EXIT_FAIL
+
+
+# -- check / report ---------------------------------------------------------------------------------------------------
+
+
+def _cmd_check(args) -> int:
+    from parity.check import run_check
+
+    try:
+        return run_check(out_dir=args.out, workers=args.workers, thresholds=args.thresholds,
+                         update_baseline=args.update_baseline)
+    except (FileNotFoundError, ValueError) as err:
+        raise _UsageError(str(err)) from None
+
+
+def _cmd_report(args) -> int:
+    from parity.report import regenerate
+
+    try:
+        paths = regenerate(args.result, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        raise _UsageError(str(err)) from None
+    print("report: " + " ".join(str(p) for p in paths))
+    return EXIT_PASS
 
 
 if __name__ == "__main__":
