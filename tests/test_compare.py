@@ -154,7 +154,8 @@ def test_write_report(full, tmp_path):
     json_path, md_path = write_report(full, tmp_path / "rep")
     assert ParityResult.from_json(json_path.read_text()).to_dict() == full.to_dict()
     md = md_path.read_text()
-    assert md == render_markdown(full)
+    assert (md_path.parent / "parity-report.png").stat().st_size > 0
+    assert md == render_markdown(full, png_name="parity-report.png")
     assert "logits_scaling" in md and "encoder.blocks.15" in md and "Parity report: PASS" in md
     assert "qkv_fused" in md  # exclusions are listed with their reason
 
