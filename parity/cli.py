@@ -3,6 +3,9 @@
     parity map [--variant tiny] [--expand]
     parity diff [--layer NAME ...] [--variant tiny | --checkpoint DIR] [--audio PATH ...] [--prompt TEXT]
                 [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--seed N] [--report-dir DIR] [--threads N]
+                [--mode eager|compiled|drift] [--compile-backend inductor|aot_eager|eager] [--attribute]
+    parity compile-report [--variant tiny] [--seed N] [--audio PATH]
+    parity generate [--variant tiny | --checkpoint DIR] [--audio PATH ...] [--text-only] [--max-new-tokens N] ...
     parity recheck REPORT.json [--atol X] [--rtol X] [--max-rel-l2 X] [--min-cosine X] [--report-dir DIR]
     parity check [--out DIR] [-n WORKERS] [--thresholds JSON] [--update-baseline]
     parity report RESULT.json [--out DIR]
@@ -23,6 +26,12 @@ from tabulate import tabulate
 __all__ = ["main"]
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+# measured: `parity diff --layer encoder.blocks.8 --mode compiled` (tiny, float32), 2-core CPU, torch 2.11: 6 min 19 s
+# wall with inductor (a test run shared the cores part of the time), ~40 s with backend eager. Inductor generates C++
+# for the whole hooked encoder of each side (16 unrolled blocks, ~100 hooked outputs); compiling one block and
+# reusing its graph does not apply while capture hooks differ per block (each block's hooks are distinct closures,
+# so dynamo recompiles per block and hits its recompile limit of 8).
+_INDUCTOR_TIME = "~6 min"
 
 
 class _UsageError(Exception):
@@ -34,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="parity",
         description="Layer-by-layer parity of the FMS Granite Speech model against the HF transformers reference.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{map,diff,recheck,check,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{map,diff,recheck,check,report,compile-report,generate}")
 
     p_map = sub.add_parser("map", help="print the HF <-> FMS module-path map")
     p_map.add_argument("--variant", default="tiny", help="config whose layer counts fill the map (default: tiny)")
@@ -55,6 +64,16 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: parity-report/)")
     p_diff.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU intra-op threads (default: torch's); 1 is fastest for the tiny model on a busy host")
+    p_diff.add_argument("--mode", default="eager", choices=("eager", "compiled", "drift"),
+                        help="eager: HF eager vs FMS eager (default); compiled: both sides torch.compile'd, FMS vs "
+                             "HF; drift: each side compiled vs itself eager (HF and FMS drift per layer). Compiled "
+                             "modes on the tiny encoder, 2-core CPU: ~35 s with --compile-backend eager (dynamo "
+                             "tracing of 16 blocks per side), " + _INDUCTOR_TIME + " with inductor (C++ codegen)")
+    p_diff.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                        help="torch.compile backend of --mode compiled/drift (default: inductor)")
+    p_diff.add_argument("--attribute", action="store_true",
+                        help="also run parity.attribution.attribute (eager): propagated vs introduced rel-L2 per "
+                             "block, first introducing layer; added to the report JSON and Markdown")
 
     p_re = sub.add_parser("recheck", help="re-judge a saved parity-report.json against new tolerances")
     p_re.add_argument("report", metavar="REPORT.json")
@@ -71,6 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     p_check.add_argument("--update-baseline", action="store_true",
                          help="rewrite the thresholds from this run (only when every case passes)")
 
+    p_cr = sub.add_parser("compile-report", help="torch._dynamo.explain of the FMS encoder, projector and decoder: "
+                                                 "graphs, breaks, ops, reasons; exit 1 on any graph break")
+    p_cr.add_argument("--variant", default="tiny", help="named config for random weights (default: tiny)")
+    p_cr.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    p_cr.add_argument("--audio", default=None, metavar="PATH", help="WAV file (default: the shipped clip)")
+
+    from parity.generation import add_cli as add_generate
+
+    add_generate(sub)
+
     p_rep = sub.add_parser("report", help="regenerate the Markdown and PNG of a saved report from its JSON")
     p_rep.add_argument("result", metavar="RESULT.json", help="parity-report.json or parity-suite.json")
     p_rep.add_argument("--out", default=None, metavar="DIR", help="default: the JSON's folder")
@@ -85,8 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # argparse has printed its message
         return int(exc.code or 0)
     try:
-        return {"map": _cmd_map, "diff": _cmd_diff, "recheck": _cmd_recheck,
-                "check": _cmd_check, "report": _cmd_report}[args.command](args)
+        if getattr(args, "func", None) is not None:  # sub-commands registered by other modules (generate)
+            return args.func(args)
+        return {"map": _cmd_map, "diff": _cmd_diff, "recheck": _cmd_recheck, "check": _cmd_check,
+                "report": _cmd_report, "compile-report": _cmd_compile_report}[args.command](args)
     except _UsageError as err:
         print(f"parity {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -159,7 +190,8 @@ def _cmd_diff(args) -> int:
 
     from parity.compare import run_parity
     from parity.pair import DEFAULT_PROMPT, build_inputs, build_pair
-    from parity.report import DEFAULT_REPORT_DIR, format_table, summary_lines, write_report
+    from parity.report import (DEFAULT_REPORT_DIR, attribution_table, drift_table, format_table, summary_lines,
+                               write_report)
 
     from transformers.utils import logging as hf_logging
 
@@ -171,18 +203,25 @@ def _cmd_diff(args) -> int:
         pair = build_pair(variant=args.variant, checkpoint=args.checkpoint, seed=args.seed, dtype=args.dtype,
                           device=args.device)
         inputs = build_inputs(pair, audio=args.audio, prompt=args.prompt or DEFAULT_PROMPT)
-        result = run_parity(pair, inputs, layers=args.layer)
+        result = run_parity(pair, inputs, layers=args.layer, mode=args.mode, compile_backend=args.compile_backend)
+        if args.attribute:
+            from parity.attribution import attribute
+
+            result.attribution = attribute(pair, inputs, layers=args.layer).to_dict()
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise _UsageError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
     finally:
         torch.set_num_threads(threads)
 
     source = f"checkpoint {args.checkpoint}" if args.checkpoint else f"variant {args.variant}, seed {args.seed}"
+    mode = args.mode if args.mode == "eager" else f"{args.mode}, backend {args.compile_backend}"
     print(f"parity diff {' '.join(args.layer or ['(whole model)'])}: {source}, {args.dtype} on {pair.device}, "
-          f"audio {', '.join(inputs.audio)}")
-    print(format_table(result))
+          f"audio {', '.join(inputs.audio)}, mode {mode}")
+    print(drift_table(result) if result.mode == "drift" else format_table(result))
     for line in summary_lines(result):
         print(line)
+    if result.attribution is not None:
+        print(attribution_table(result.attribution))
     for note in result.notes:
         print(f"note: {note}")
     try:
@@ -193,6 +232,30 @@ def _cmd_diff(args) -> int:
     return EXIT_PASS if result.passed else EXIT_FAIL
 
 
+# -- compile-report -------------------------------------------------------------------------------------------------
+
+
+def _cmd_compile_report(args) -> int:
+    if args.audio is not None and not Path(args.audio).is_file():
+        raise _UsageError(f"audio file not found: {args.audio}")
+    _config(args.variant)
+    from fms_granite_speech.compile import explain_graph_breaks
+    from parity.pair import DEFAULT_PROMPT, build_inputs, build_pair
+
+    try:
+        pair = build_pair(variant=args.variant, seed=args.seed)
+        inputs = build_inputs(pair, audio=args.audio, prompt=DEFAULT_PROMPT)
+        reports = explain_graph_breaks(pair.fms, inputs)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise _UsageError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+    print(f"parity compile-report: variant {args.variant}, seed {args.seed}, audio {', '.join(inputs.audio)}")
+    print(tabulate([r.row() for r in reports], headers=("piece", "graphs", "breaks", "ops", "reasons"),
+                   disable_numparse=True))
+    breaks = sum(r.graph_break_count for r in reports)
+    print(f"graph breaks: {breaks}")
+    return EXIT_FAIL if breaks else EXIT_PASS
+
+
 # -- recheck ----------------------------------------------------------------------------------------------------------
 
 
@@ -200,7 +263,7 @@ def _cmd_recheck(args) -> int:
     from parity.compare import ParityResult, recheck
     from parity.metrics import Tolerance, default_tolerance
     from parity.pair import parse_dtype
-    from parity.report import format_table, summary_lines, write_report
+    from parity.report import drift_table, format_table, summary_lines, write_report
 
     path = Path(args.report)
     if not path.is_file():
@@ -220,7 +283,7 @@ def _cmd_recheck(args) -> int:
         names = [r.name for r in new.layers if any(r.name == n or r.name.startswith(n + ".") for n in args.layer)]
         if not names:
             raise _UsageError(f"none of {args.layer} is in {path}")
-    print(format_table(new, names))
+    print(drift_table(new, names) if new.mode == "drift" else format_table(new, names))
     for line in summary_lines(new):
         print(line)
     out_dir = args.report_dir or str(path.parent) + "-rechecked"

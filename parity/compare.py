@@ -1,11 +1,25 @@
 """The parity engine: run both models on the same inputs, compare every mapped layer, find the first divergence.
 
-``run_parity(pair, inputs, layers)`` works in three steps (Polygraphy's runner -> comparator split):
+``run_parity(pair, inputs, layers, mode="eager")`` works in three steps (Polygraphy's runner -> comparator split):
 
 1. run the HF reference with ``Capture`` hooks on the HF module of every pair it has to produce, keeping copies;
 2. run the FMS model with streaming hooks: as each FMS module returns, its tensor is compared (``metrics.
    compare_tensors``) with the stored HF tensor of the same call and only the ``TensorDiff`` is kept;
 3. order the diffs by the path map's execution order and name the first one that fails.
+
+Modes (``MODES``; the result records ``mode`` and ``compile_backend``):
+
+* ``eager``: HF eager vs FMS eager, FMS streamed as above.
+* ``compiled``: both sides' section modules compiled with ``fms_granite_speech.compile.compile_modules`` (HF
+  ``model.encoder`` / ``model.projector`` / ``model.language_model``, FMS ``encoder`` / ``projector`` / ``decoder``),
+  FMS vs HF per layer. The hooks of a compiled section run inside its graph; a Python callback there would be traced
+  into (or break) the graph, so both sides STORE clones of their captures and are compared after the runs.
+* ``drift``: each side compiled vs itself eager, per layer: ``hf_drift`` (HF compiled vs HF eager) and the FMS drift
+  (FMS compiled vs FMS eager, in ``layers``). Every side is stored and compared after its runs.
+
+Compiled modes call ``torch._dynamo.reset()`` first (hooks of earlier runs would otherwise count towards dynamo's
+recompile limit) and raise instead of silently falling back to eager when that limit is hit; the modules are
+restored to eager afterwards. Storing every activation of both sides costs memory (tiny: a few MB).
 
 Only the sections the requested layers need are run: an encoder layer runs only the two encoders (HF
 ``hf.model.encoder``), a projector layer runs encoder + projector, anything in the decoder runs the full models.
@@ -34,9 +48,16 @@ from parity.capture import Capture, first_tensor
 from parity.metrics import TensorDiff, Tolerance, compare_tensors
 from parity.pathmap import EXCLUDED, INPUT, TRANSFORMS, LayerPair, expand, resolve
 
-__all__ = ["LayerResult", "ParityResult", "SECTIONS", "recheck", "run_parity", "versions"]
+__all__ = ["COMPILE_BACKENDS", "LayerResult", "MODES", "ParityResult", "SECTIONS", "recheck", "run_parity",
+           "versions"]
 
 SECTIONS = ("encoder", "projector", "decoder")
+MODES = ("eager", "compiled", "drift")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+# the module compiled for each section, per side
+_COMPILED_PIECES = {"hf": {"encoder": "model.encoder", "projector": "model.projector",
+                           "decoder": "model.language_model"},
+                    "fms": {"encoder": "encoder", "projector": "projector", "decoder": "decoder"}}
 SCHEMA_VERSION = 1
 
 
@@ -105,6 +126,11 @@ class ParityResult:
         notes: statements the report must show (transforms applied, e.g. the logits_scaling deviation).
         excluded: module pairs that cannot be compared element-wise, with the reason.
         elapsed_s: wall time of the run in seconds.
+        mode: ``eager``, ``compiled`` or ``drift`` (see the module docstring). In ``drift`` mode ``layers`` holds the
+            FMS drift (FMS compiled vs FMS eager) and ``hf_drift`` the HF drift, same pairs, same order.
+        compile_backend: the ``torch.compile`` backend of the compiled modes, None in eager mode.
+        hf_drift: HF compiled vs HF eager per layer (drift mode only, else empty).
+        attribution: a ``parity.attribution.AttributionResult.to_dict()`` when attribution was run with it, else None.
     """
 
     layers: list[LayerResult]
@@ -119,11 +145,17 @@ class ParityResult:
     notes: list[str] = field(default_factory=list)
     excluded: list[dict] = field(default_factory=list)
     elapsed_s: float = 0.0
+    mode: str = "eager"
+    compile_backend: Optional[str] = None
+    hf_drift: list[LayerResult] = field(default_factory=list)
+    attribution: Optional[dict] = None
 
     @property
     def passed(self) -> bool:
-        """True when every requested layer passes."""
-        return all(r.passed for r in self.requested_results())
+        """True when every requested layer passes (in drift mode: on both sides)."""
+        wanted = set(self.requested)
+        return (all(r.passed for r in self.requested_results())
+                and all(r.passed for r in self.hf_drift if r.name in wanted))
 
     def requested_results(self) -> list[LayerResult]:
         """Results of the requested layers, in execution order."""
@@ -147,7 +179,7 @@ class ParityResult:
         out = {"schema_version": SCHEMA_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = [r.to_dict() for r in value] if f.name == "layers" else value
+            out[f.name] = [r.to_dict() for r in value] if f.name in ("layers", "hf_drift") else value
         out["passed"] = self.passed
         return out
 
@@ -163,6 +195,7 @@ class ParityResult:
         kw = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
         try:
             kw["layers"] = [LayerResult.from_dict(r) for r in data["layers"]]
+            kw["hf_drift"] = [LayerResult.from_dict(r) for r in data.get("hf_drift") or []]
             return cls(**kw)
         except (KeyError, TypeError) as err:
             raise ValueError(f"not a parity result: a field is missing or malformed ({err})") from None
@@ -320,8 +353,87 @@ def _worst(diffs: list[TensorDiff]) -> TensorDiff:
     return max(pool, key=lambda d: (d.rel_l2 if not math.isnan(d.rel_l2) else math.inf))
 
 
+def _check_mode(mode: str, compile_backend: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a parity mode; use one of {', '.join(MODES)}")
+    if compile_backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile_backend={compile_backend!r} is not supported; use one of "
+                         f"{', '.join(COMPILE_BACKENDS)}")
+
+
+@contextlib.contextmanager
+def _compiled(model, side: str, sections: Sequence[str], backend: str):
+    """The section modules of one side compiled (``compile_modules``) for the duration, eager again afterwards.
+
+    Modules the caller had compiled already are left compiled (and are not restored to eager).
+    """
+    from fms_granite_speech.compile import compile_modules, is_compiled, uncompile
+
+    modules = [model.get_submodule(_COMPILED_PIECES[side][s]) for s in sections]
+    mine = [m for m in modules if not is_compiled(m)]
+    compile_modules(mine, backend=backend)
+    try:
+        yield
+    finally:
+        uncompile(mine)
+
+
+def _stored_run(model, side: str, run: list[LayerPair], inputs, upto: str, dtype: torch.dtype
+                ) -> dict[str, list[torch.Tensor]]:
+    """Run one side with storing captures on every pair of ``run``; the clones keyed by parity name."""
+    caps = _capture(model, run, side)
+    with _Stack(caps):
+        _run_section(side, model, inputs, upto, dtype)
+    by_path = {(p.hf if side == "hf" else p.fms): p.name for p in run}
+    out: dict[str, list[torch.Tensor]] = {}
+    for cap in caps:
+        for path, tensors in (cap.inputs if cap.capture_inputs else cap.outputs).items():
+            out[by_path[path]] = tensors
+    return out
+
+
+def _judge(run: list[LayerPair], diffs: dict, errors: dict, n_ref: dict, n_test: dict, labels: tuple[str, str]
+           ) -> list[LayerResult]:
+    """One ``LayerResult`` per pair: the worst diff of its calls, or why there is none.
+
+    ``labels`` names the reference and tested runs in call-count mismatch messages (e.g. ``("HF", "FMS")``).
+    """
+    results = []
+    for p in run:
+        ref, test = n_ref.get(p.name, 0), n_test.get(p.name, 0)
+        error = errors.get(p.name)
+        if error is None and ref != test:
+            error = (f"module ran {ref} time(s) in {labels[0]} ({p.hf}) but {test} time(s) in {labels[1]} "
+                     f"({p.fms or '<model>'})")
+        diff = _worst(diffs[p.name]) if diffs.get(p.name) else None
+        if error is None and diff is None:
+            error = "no tensor was produced on either side"
+        results.append(LayerResult(pair=p, diff=diff, error=error, calls=max(ref, test)))
+    return results
+
+
+def _compare_stored(run: list[LayerPair], reference: dict, tested: dict, tol: Optional[Tolerance], config,
+                    transform: bool, labels: tuple[str, str]) -> list[LayerResult]:
+    """Compare two stored runs call by call (``transform``: apply each pair's FMS-side transform to ``tested``)."""
+    diffs: dict[str, list[TensorDiff]] = {p.name: [] for p in run}
+    errors: dict[str, str] = {}
+    for p in run:
+        for ref, test in zip(reference.get(p.name, []), tested.get(p.name, [])):
+            if transform:
+                test = _apply_transform(p, test, config)
+            try:
+                diffs[p.name].append(compare_tensors(test, ref, tol))
+            except (ValueError, TypeError) as err:
+                errors[p.name] = str(err)
+                break
+    n_ref = {k: len(v) for k, v in reference.items()}
+    n_test = {k: len(v) for k, v in tested.items()}
+    return _judge(run, diffs, errors, n_ref, n_test, labels)
+
+
 def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None,
-               tol: Optional[Tolerance] = None) -> ParityResult:
+               tol: Optional[Tolerance] = None, mode: str = "eager",
+               compile_backend: str = "inductor") -> ParityResult:
     """Compare ``pair.fms`` with ``pair.hf`` layer by layer on ``inputs``.
 
     Args:
@@ -330,16 +442,23 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None,
             ``input_features_mask`` [B, N] bool; features None for text-only inputs).
         layers: parity names to report on (each with its sub-modules); None means every layer of the model.
         tol: the bounds to apply to every layer; None uses ``metrics.default_tolerance`` of the dtypes compared.
+        mode: ``eager`` (HF eager vs FMS eager), ``compiled`` (both compiled, FMS vs HF) or ``drift`` (each side
+            compiled vs itself eager); see the module docstring.
+        compile_backend: ``torch.compile`` backend of the compiled modes: ``inductor`` (default; on a 2-core CPU
+            its C++ codegen takes minutes for the encoder, see ``parity diff --help``), ``aot_eager`` or ``eager``
+            (tracing only, seconds). Ignored in eager mode.
 
     Returns:
         ``ParityResult`` over every pair of every section that ran, in execution order.
 
     Raises:
         pathmap.UnknownLayerError (ValueError): an unknown layer name (message lists the closest valid names).
-        ValueError: an encoder/projector layer was requested but ``inputs`` has no audio.
+        ValueError: an encoder/projector layer was requested but ``inputs`` has no audio; an unknown ``mode`` or
+            ``compile_backend``.
         TypeError: ``tol`` is not a ``Tolerance``, or ``inputs`` is not a ``ParityInputs``.
     """
     start = time.perf_counter()
+    _check_mode(mode, compile_backend)
     if tol is not None and not isinstance(tol, Tolerance):
         raise TypeError(f"tol must be a parity.metrics.Tolerance or None, got {type(tol).__name__}")
     for attr in ("input_ids", "input_features", "input_features_mask", "describe"):
@@ -356,6 +475,72 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None,
     sections = list(SECTIONS[: SECTIONS.index(upto) + 1]) if has_audio else ["decoder"]
     run = [p for p in expand(config) if p.section in sections]
 
+    hf_drift: list[LayerResult] = []
+    graphs = None
+    adapters = _adapters(pair, enabled=has_audio) if upto == "decoder" else contextlib.nullcontext(None)
+    with adapters as adapter_note, torch.no_grad():
+        if mode == "eager":
+            results = _eager_parity(pair, inputs, run, upto, tol)
+        else:
+            from torch._dynamo.utils import counters
+
+            torch._dynamo.reset()
+            before = counters["stats"]["unique_graphs"]
+
+            def compiled_run(side: str, model) -> dict:
+                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), \
+                        _compiled(model, side, sections, compile_backend):
+                    return _stored_run(model, side, run, inputs, upto, pair.dtype)
+
+            if mode == "compiled":
+                hf_c = compiled_run("hf", pair.hf)
+                fms_c = compiled_run("fms", pair.fms)
+                results = _compare_stored(run, hf_c, fms_c, tol, config, True, ("HF compiled", "FMS compiled"))
+                del hf_c, fms_c
+            else:
+                hf_e = _stored_run(pair.hf, "hf", run, inputs, upto, pair.dtype)
+                hf_c = compiled_run("hf", pair.hf)
+                hf_drift = _compare_stored(run, hf_e, hf_c, tol, config, False, ("HF eager", "HF compiled"))
+                del hf_e, hf_c
+                fms_e = _stored_run(pair.fms, "fms", run, inputs, upto, pair.dtype)
+                fms_c = compiled_run("fms", pair.fms)
+                results = _compare_stored(run, fms_e, fms_c, tol, config, False, ("FMS eager", "FMS compiled"))
+                del fms_e, fms_c
+            graphs = counters["stats"]["unique_graphs"] - before
+    notes = [] if adapter_note is None else [adapter_note]
+    if mode != "eager":
+        what = {"compiled": "FMS compiled vs HF compiled",
+                "drift": "each side compiled vs itself eager (hf_drift: HF; layers: FMS)"}[mode]
+        notes.append(f"mode {mode}: {what}; sections {', '.join(sections)} compiled with backend "
+                     f"{compile_backend!r} ({graphs} graph(s) compiled); captures stored and compared after the runs")
+
+    first = next((r.name for r in results if not r.passed), None)
+    for p in run:
+        if p.transform is not None and mode != "drift":
+            notes.append(f"{p.name}: {TRANSFORMS[p.transform]}")
+    return ParityResult(
+        layers=results,
+        requested=[p.name for p in requested],
+        first_divergent=first,
+        sections=sections,
+        tolerance=None if tol is None else tol.to_dict(),
+        provenance=pair.provenance(),
+        inputs=inputs.describe(),
+        config=_config_dict(config),
+        versions=versions(),
+        notes=notes,
+        excluded=[{"name": e.name, "hf": e.hf, "fms": e.fms, "reason": e.reason} for e in EXCLUDED
+                  if _section(e.name) in sections],
+        elapsed_s=round(time.perf_counter() - start, 3),
+        mode=mode,
+        compile_backend=None if mode == "eager" else compile_backend,
+        hf_drift=hf_drift,
+    )
+
+
+def _eager_parity(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Tolerance]) -> list[LayerResult]:
+    """Eager mode: HF stored, FMS streamed (each FMS output compared as it appears, only statistics kept)."""
+    config = pair.config
     by_hf = {p.hf: p for p in run}
     by_fms = {p.fms: p for p in run}
     diffs: dict[str, list[TensorDiff]] = {p.name: [] for p in run}
@@ -376,54 +561,20 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None,
         except (ValueError, TypeError) as err:
             errors[p.name] = str(err)
 
-    adapters = _adapters(pair, enabled=has_audio) if upto == "decoder" else contextlib.nullcontext(None)
-    with adapters as adapter_note, torch.no_grad():
-        # 1. the reference, stored
-        hf_caps = _capture(pair.hf, run, "hf")
-        with _Stack(hf_caps):
-            _run_section("hf", pair.hf, inputs, upto, pair.dtype)
-        for cap in hf_caps:
-            store = cap.inputs if cap.capture_inputs else cap.outputs
-            for path, tensors in store.items():
-                reference[by_hf[path].name] = tensors
-        # 2. FMS, each output compared as it appears, nothing kept but the statistics
-        with _Stack(_capture(pair.fms, run, "fms", callback=on_tensor)):
-            _run_section("fms", pair.fms, inputs, upto, pair.dtype)
-    notes = [] if adapter_note is None else [adapter_note]
-
-    # 3. collect in execution order
-    results = []
-    for p in run:
-        n_ref, n_fms = len(reference.get(p.name, [])), fms_calls[p.name]
-        error = errors.get(p.name)
-        if error is None and n_ref != n_fms:
-            error = (f"module ran {n_ref} time(s) in HF ({p.hf}) but {n_fms} time(s) in FMS "
-                     f"({p.fms or '<model>'})")
-        diff = _worst(diffs[p.name]) if diffs[p.name] else None
-        if error is None and diff is None:
-            error = "no tensor was produced on either side"
-        results.append(LayerResult(pair=p, diff=diff, error=error, calls=max(n_ref, n_fms)))
+    # 1. the reference, stored
+    hf_caps = _capture(pair.hf, run, "hf")
+    with _Stack(hf_caps):
+        _run_section("hf", pair.hf, inputs, upto, pair.dtype)
+    for cap in hf_caps:
+        store = cap.inputs if cap.capture_inputs else cap.outputs
+        for path, tensors in store.items():
+            reference[by_hf[path].name] = tensors
+    # 2. FMS, each output compared as it appears, nothing kept but the statistics
+    with _Stack(_capture(pair.fms, run, "fms", callback=on_tensor)):
+        _run_section("fms", pair.fms, inputs, upto, pair.dtype)
+    n_ref = {k: len(v) for k, v in reference.items()}
     del reference
-
-    first = next((r.name for r in results if not r.passed), None)
-    for p in run:
-        if p.transform is not None:
-            notes.append(f"{p.name}: {TRANSFORMS[p.transform]}")
-    return ParityResult(
-        layers=results,
-        requested=[p.name for p in requested],
-        first_divergent=first,
-        sections=sections,
-        tolerance=None if tol is None else tol.to_dict(),
-        provenance=pair.provenance(),
-        inputs=inputs.describe(),
-        config=_config_dict(config),
-        versions=versions(),
-        notes=notes,
-        excluded=[{"name": e.name, "hf": e.hf, "fms": e.fms, "reason": e.reason} for e in EXCLUDED
-                  if _section(e.name) in sections],
-        elapsed_s=round(time.perf_counter() - start, 3),
-    )
+    return _judge(run, diffs, errors, n_ref, fms_calls, ("HF", "FMS"))
 
 
 def _section(name: str) -> str:
@@ -519,7 +670,7 @@ def _recheck_diff(d: TensorDiff, tol: Tolerance) -> TensorDiff:
 def recheck(result: ParityResult, tol: Tolerance) -> ParityResult:
     """``result`` judged against new tolerances without re-running either model.
 
-    Returns a new ``ParityResult`` (the input is not modified) with every diff re-judged (see ``_recheck_diff`` for
+    Returns a new ``ParityResult`` (the input is not modified) with every diff (``hf_drift`` too) re-judged (see ``_recheck_diff`` for
     what saved statistics can and cannot decide), ``first_divergent`` recomputed and ``tolerance`` replaced.
     Layers that had no diff (an error) stay failed.
 
@@ -528,8 +679,11 @@ def recheck(result: ParityResult, tol: Tolerance) -> ParityResult:
     """
     if not isinstance(tol, Tolerance):
         raise TypeError(f"recheck needs a parity.metrics.Tolerance, got {type(tol).__name__}")
-    layers = [dataclasses.replace(r, diff=None if r.diff is None else _recheck_diff(r.diff, tol))
-              for r in result.layers]
+    def again(rows: list[LayerResult]) -> list[LayerResult]:
+        return [dataclasses.replace(r, diff=None if r.diff is None else _recheck_diff(r.diff, tol)) for r in rows]
+
+    layers = again(result.layers)
     first = next((r.name for r in layers if not r.passed), None)
     notes = list(result.notes) + [f"rechecked against {tol.to_dict()} without re-running the models"]
-    return dataclasses.replace(result, layers=layers, first_divergent=first, tolerance=tol.to_dict(), notes=notes)
+    return dataclasses.replace(result, layers=layers, hf_drift=again(result.hf_drift), first_divergent=first,
+                               tolerance=tol.to_dict(), notes=notes)

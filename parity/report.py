@@ -7,6 +7,7 @@ re-checked (``compare.recheck``) later without the models.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,10 @@ from parity.compare import LayerResult, ParityResult
 
 __all__ = [
     "DEFAULT_REPORT_DIR",
+    "attribution_markdown",
+    "attribution_table",
     "depth_series",
+    "drift_table",
     "environment",
     "format_table",
     "plot_depth",
@@ -76,6 +80,54 @@ def format_table(result: ParityResult, names: Optional[Iterable[str]] = None, ta
     return tabulate(rows, headers=HEADERS, tablefmt=tablefmt, disable_numparse=True)
 
 
+def drift_table(result: ParityResult, names: Optional[Iterable[str]] = None, tablefmt: str = "simple") -> str:
+    """Drift-mode table: per layer, HF compiled vs HF eager and FMS compiled vs FMS eager (max abs, rel-L2), and the
+    verdict of both. ``names`` as for ``format_table``."""
+    wanted = set(result.requested if names is None else names)
+    hf = {r.name: r for r in result.hf_drift}
+
+    def cells(r: Optional[LayerResult]) -> list[str]:
+        if r is None:
+            return ["-", "-"]
+        if r.diff is None:
+            return ["-", f"error: {r.error}"]
+        return [_num(r.diff.max_abs), _num(r.diff.rel_l2)]
+
+    rows = []
+    for r in result.layers:
+        if r.name in wanted:
+            h = hf.get(r.name)
+            ok = r.passed and (h is None or h.passed)
+            rows.append([r.name] + cells(h) + cells(r) + ["pass" if ok else "FAIL"])
+    return tabulate(rows, headers=("layer", "hf drift max abs", "hf drift rel-L2", "fms drift max abs",
+                                   "fms drift rel-L2", "result"), tablefmt=tablefmt, disable_numparse=True)
+
+
+def attribution_table(attribution: Mapping, tablefmt: str = "simple") -> str:
+    """Propagated vs introduced rel-L2 per attributed layer of an ``AttributionResult.to_dict()``."""
+    rows = [[a["name"], _num(_float(a.get("propagated_rel_l2"))), _num(_float(a.get("introduced_rel_l2"))),
+             _num(_float(a.get("budget"))), "OVER" if a.get("over_budget") else "ok"]
+            for a in attribution.get("layers", [])]
+    table = tabulate(rows, headers=("layer", "propagated rel-L2", "introduced rel-L2", "budget", "introduced"),
+                     tablefmt=tablefmt, disable_numparse=True)
+    return f"{table}\nfirst introducing layer: {attribution.get('first_introducing_layer') or 'none'}"
+
+
+def attribution_markdown(attribution: Mapping) -> list[str]:
+    """The Markdown section of an attribution (``AttributionResult.to_dict()``), as lines."""
+    first = attribution.get("first_introducing_layer")
+    out = ["## Error attribution (propagated vs introduced)", "",
+           f"- first introducing layer: {'`' + first + '`' if first else 'none'}",
+           "- propagated: both models end to end; introduced: the FMS block run on HF's exact inputs "
+           "(parity.attribution)", ""]
+    out += [attribution_table(attribution, "github"), ""]
+    return out
+
+
+def _float(x) -> Optional[float]:
+    return None if x is None else float(x)  # "nan"/"inf" strings of strict JSON parse back with float()
+
+
 def summary_lines(result: ParityResult) -> list[str]:
     """The verdict in words: requested layers pass/fail, the first divergent layer over everything that ran."""
     req = result.requested_results()
@@ -89,6 +141,10 @@ def summary_lines(result: ParityResult) -> list[str]:
     else:
         lines.append(f"first divergent layer (over {ran} layers compared in {', '.join(result.sections)}): "
                      f"{first.name} -- {first.reason}")
+    if result.hf_drift:
+        hf_first = next((r for r in result.hf_drift if not r.passed), None)
+        lines.append("first HF drift layer (HF compiled vs HF eager): "
+                     + ("none" if hf_first is None else f"{hf_first.name} -- {hf_first.reason}"))
     return lines
 
 
@@ -132,6 +188,7 @@ def render_markdown(result: ParityResult, png_name: Optional[str] = None) -> str
         ("sections run", ", ".join(result.sections)),
         ("tolerance", _tolerance_line(result)),
         ("mode", result_mode(result)),
+        ("compile backend", result.compile_backend),
         ("elapsed", f"{result.elapsed_s:.2f} s"),
     ] + [(name, version) for name, version in result.versions.items()]
     rows += [(f"env {k}", v) for k, v in (p.get("environment") or {}).items()]
@@ -141,8 +198,13 @@ def render_markdown(result: ParityResult, png_name: Optional[str] = None) -> str
         out += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
     if png_name:
         out += ["## Error against depth", "", f"![rel-L2 against depth]({png_name})", ""]
-    out += ["## Layers (execution order)", "", format_table(result, [r.name for r in result.layers], "github"), ""]
+    table = drift_table if result.mode == "drift" else format_table
+    out += ["## Layers (execution order)", "", table(result, [r.name for r in result.layers], "github"), ""]
+    if result.attribution is not None:
+        out += attribution_markdown(result.attribution)
     failures = [r for r in result.layers if not r.passed]
+    failures += [dataclasses.replace(r, pair=dataclasses.replace(r.pair, name=f"hf drift {r.name}"))
+                 for r in result.hf_drift if not r.passed]
     if failures:
         out += ["## Failures", ""] + [f"- `{r.name}`: {r.reason}" for r in failures] + [""]
     if result.excluded:
@@ -173,7 +235,7 @@ def write_report(result: ParityResult, out_dir: Union[str, Path] = DEFAULT_REPOR
         json_path = out / JSON_NAME
         json_path.write_text(result.to_json() + "\n")
         saved = ParityResult.from_json(json_path.read_text())
-        plot_depth({result_mode(saved): saved}, out / PNG_NAME,
+        plot_depth(_mode_lines(saved), out / PNG_NAME,
                    title=f"parity: {saved.provenance.get('variant') or saved.provenance.get('checkpoint')}, "
                          f"{saved.provenance.get('dtype')}")
         md_path = out / MD_NAME
@@ -208,6 +270,13 @@ def result_mode(result: ParityResult) -> str:
     """The execution mode a result was taken in (``eager``, ``compiled``, ``drift``...): the result's ``mode``
     attribute or ``provenance["mode"]`` when set, else ``eager``."""
     return str(getattr(result, "mode", None) or result.provenance.get("mode") or "eager")
+
+
+def _mode_lines(result: ParityResult) -> dict[str, ParityResult]:
+    """Plot lines of one result: its mode, or in drift mode one line per side (``fms drift``, ``hf drift``)."""
+    if result.mode == "drift" and result.hf_drift:
+        return {"fms drift": result, "hf drift": dataclasses.replace(result, layers=result.hf_drift, hf_drift=[])}
+    return {result_mode(result): result}
 
 
 def _config_line(config: dict) -> str:
