@@ -375,26 +375,26 @@ _TINY = GraniteSpeechConfig(
 _SPEECH_ENCODER = EncoderConfig()  # the real encoder: 16 x 1024, 8 heads x 128, context 200, CTC 256
 _SPEECH_PROJECTOR = ProjectorConfig()
 
+# The 3.3 decoders share everything but their widths, attention scale and logits scale.
+_3_3_DECODER = dict(
+    vocab=49160,
+    layers=40,
+    heads=32,
+    kv_heads=8,
+    rope_theta=10_000_000.0,
+    max_seq_len=131072,
+    norm_eps=1e-5,
+    embedding_multiplier=12.0,
+    residual_multiplier=0.22,
+    tie=True,
+    pad_id=0,
+)
+
 _2B = GraniteSpeechConfig(
     encoder=_SPEECH_ENCODER,
     projector=_SPEECH_PROJECTOR,
     decoder=_granite_config(
-        vocab=49160,
-        dim=2048,
-        layers=40,
-        heads=32,
-        kv_heads=8,
-        head_dim=64,
-        ffn=8192,
-        rope_theta=10_000_000.0,
-        max_seq_len=131072,
-        norm_eps=1e-5,
-        embedding_multiplier=12.0,
-        residual_multiplier=0.22,
-        attention_multiplier=0.015625,
-        logits_scaling=8.0,
-        tie=True,
-        pad_id=0,
+        **_3_3_DECODER, dim=2048, head_dim=64, ffn=8192, attention_multiplier=0.015625, logits_scaling=8.0
     ),
     lora=LoRAConfig(rank=64, alpha=32.0),
     audio_token_index=49159,
@@ -402,22 +402,7 @@ _2B = GraniteSpeechConfig(
 
 _8B = _2B.replace(
     decoder=_granite_config(
-        vocab=49160,
-        dim=4096,
-        layers=40,
-        heads=32,
-        kv_heads=8,
-        head_dim=128,
-        ffn=12800,
-        rope_theta=10_000_000.0,
-        max_seq_len=131072,
-        norm_eps=1e-5,
-        embedding_multiplier=12.0,
-        residual_multiplier=0.22,
-        attention_multiplier=0.0078125,
-        logits_scaling=16.0,
-        tie=True,
-        pad_id=0,
+        **_3_3_DECODER, dim=4096, head_dim=128, ffn=12800, attention_multiplier=0.0078125, logits_scaling=16.0
     )
 )
 

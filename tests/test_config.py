@@ -1,0 +1,69 @@
+"""Configs: named variants, the round trip through transformers' GraniteSpeechConfig, and refusals."""
+
+import pytest
+import soundfile
+
+from fms_granite_speech.config import VARIANTS, EncoderConfig, GraniteSpeechConfig, ProjectorConfig, get_config
+from fms_granite_speech.features import list_shipped_audio, shipped_audio
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_round_trip_through_hf(variant):
+    cfg = get_config(variant)
+    hf = cfg.to_hf()
+    assert GraniteSpeechConfig.from_hf(hf, lora=cfg.lora) == cfg
+    assert GraniteSpeechConfig.from_hf(hf.to_dict(), lora=cfg.lora) == cfg
+    # the widths HF builds are the widths FMS builds
+    assert hf.text_config.intermediate_size == int(cfg.decoder.hidden_grow_factor * cfg.decoder.emb_dim + 0.5)
+    assert hf.encoder_config.num_layers == cfg.encoder.num_layers
+    assert hf.projector_config.encoder_hidden_size == cfg.encoder.hidden_dim
+
+
+def test_real_sizes_match_the_released_architecture():
+    """Figures from ../shared/REFERENCE.md, section 1 (the released 3.3 checkpoints)."""
+    two, eight = get_config("3.3-2b"), get_config("3.3-8b")
+    for cfg in (two, eight):
+        e, p = cfg.encoder, cfg.projector
+        assert (e.num_layers, e.hidden_dim, e.num_heads, e.dim_head, e.context_size, e.max_pos_emb, e.output_dim) == (
+            16, 1024, 8, 128, 200, 512, 256)
+        assert (p.hidden_size, p.num_layers, p.num_heads, p.intermediate_size, p.window_size, p.num_queries) == (
+            1024, 2, 16, 4096, 15, 3)
+        assert cfg.lora.scaling == 0.5 and cfg.audio_token_index == 49159
+    assert (two.decoder.emb_dim, two.decoder.logits_scaling, two.decoder.attention_multiplier) == (2048, 8.0, 0.015625)
+    assert (eight.decoder.emb_dim, eight.decoder.logits_scaling, eight.decoder.attention_multiplier) == (
+        4096, 16.0, 0.0078125)
+    assert int(eight.decoder.hidden_grow_factor * 4096) == 12800
+
+
+def test_tiny_keeps_the_real_depth_and_distinct_widths():
+    tiny, real = get_config("tiny"), get_config("3.3-2b")
+    assert tiny.encoder.num_layers == real.encoder.num_layers and tiny.encoder.mid_layer == 7
+    assert tiny.projector.num_layers == real.projector.num_layers
+    e = tiny.encoder
+    widths = [e.hidden_dim, e.num_heads * e.dim_head, e.output_dim, tiny.projector.hidden_size, tiny.decoder.emb_dim]
+    assert len(set(widths)) == len(widths)
+    # every shipped clip spans several attention blocks; the default clip ends inside a padded block, and one
+    # clip ends exactly on a block boundary, so shipped speech covers both branches of the block padding
+    frames = {}
+    for name in list_shipped_audio():
+        samples = soundfile.info(str(shipped_audio(name))).frames
+        frames[name] = (samples // 160 + 1) // 2  # mel frames, then pairs of them (REFERENCE.md formula)
+    assert all(t > 2 * e.context_size for t in frames.values())
+    default = shipped_audio().name.removeprefix("speech_").removesuffix(".wav")
+    assert frames[default] % e.context_size != 0
+    assert any(t % e.context_size == 0 for t in frames.values())
+    assert tiny.lora.scaling != 0.5  # a hard-coded 0.5 LoRA scale cannot pass the tiny tests
+
+
+def test_refusals_name_the_problem():
+    with pytest.raises(ValueError, match="unknown Granite Speech variant 'huge'.*tiny"):
+        get_config("huge")
+    with pytest.raises(ValueError, match="context_size"):
+        EncoderConfig(context_size=600, max_pos_emb=512)
+    with pytest.raises(ValueError, match="multiple of downsample_rate"):
+        ProjectorConfig(window_size=16, downsample_rate=5)
+    tiny = get_config("tiny")
+    with pytest.raises(ValueError, match="encoder_hidden_size"):
+        tiny.replace(projector=ProjectorConfig(hidden_size=40, num_heads=4, encoder_hidden_size=45))
+    with pytest.raises(ValueError, match="audio_token_index"):
+        tiny.replace(audio_token_index=10_000)
