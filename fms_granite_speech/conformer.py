@@ -23,6 +23,7 @@ from fms.modules.feedforward import FeedForwardBlock
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fms_granite_speech._strict import state_dict_problems
 from fms_granite_speech.config import EncoderConfig
 
 __all__ = [
@@ -501,26 +502,18 @@ def load_hf_encoder(
     converted = hf_encoder_to_fms(sd)
     with torch.device("meta"):
         model = ConformerEncoder(config)
-    expected = model.state_dict()
-    optional = {_template_regex(t) for t in FMS_OPTIONAL_KEYS}
-    missing = [k for k in expected if k not in converted and not any(p.match(k) for p in optional)]
-    unexpected = [k for k in converted if k not in expected]
-    wrong_shape = [
-        f"{k} (expected {tuple(expected[k].shape)}, got {tuple(v.shape)})"
-        for k, v in converted.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        problems = []
-        if missing:
-            problems.append("missing keys: " + ", ".join(f"{k} (from HF {_hf_name_of(k)})" for k in missing))
-        if unexpected:
-            problems.append("unexpected keys: " + ", ".join(f"{k} ({_origin(k)})" for k in unexpected))
-        if wrong_shape:
-            problems.append("wrong shapes: " + "; ".join(wrong_shape))
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    problems = state_dict_problems(
+        expected,
+        converted,
+        describe_missing=lambda k: f"{k} (from HF {_hf_name_of(k)})",
+        describe_unexpected=lambda k: f"{k} ({_origin(k)})",
+        optional=[_template_regex(t) for t in FMS_OPTIONAL_KEYS],
+    )
+    if problems:
         raise ValueError(
-            "cannot load the HF Conformer encoder weights: " + " | ".join(problems) + ". Check that the config "
-            "matches the checkpoint and that the state dict is the encoder's (keys relative to the encoder)."
+            "cannot load the HF Conformer encoder weights (check that the config matches the checkpoint and that the "
+            "state dict is the encoder's, keys relative to the encoder):\n  " + "\n  ".join(problems)
         )
 
     full = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in converted.items()}

@@ -30,6 +30,7 @@ from fms.modules.feedforward import FeedForwardBlock
 from fms.utils.activation import str_to_activation
 from torch import nn
 
+from fms_granite_speech._strict import state_dict_problems
 from fms_granite_speech.config import ProjectorConfig
 
 __all__ = [
@@ -380,13 +381,7 @@ def load_hf_projector(
         hf_key = _translate(fms_key, _FMS_TO_HF)
         return fms_key if hf_key is None or hf_key == fms_key else f"{fms_key} (HF {hf_key})"
 
-    problems = [f"missing: {named(k)}" for k in expected if k not in converted]
-    problems += [f"unexpected: {named(k)}" for k in converted if k not in expected]
-    problems += [
-        f"wrong shape: {named(k)} is {list(converted[k].shape)} in the checkpoint, the model expects {list(shape)}"
-        for k, shape in expected.items()
-        if k in converted and tuple(converted[k].shape) != shape
-    ]
+    problems = state_dict_problems(expected, converted, describe_missing=named, describe_unexpected=named)
     if problems:
         raise ValueError(
             f"HF projector weights do not fit QFormerProjector(config, out_dim={out_dim}) "

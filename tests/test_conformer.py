@@ -220,14 +220,14 @@ def test_conversion_of_one_layer_with_prefixes(hf_encoder):
 def test_missing_key_is_named(hf_encoder):
     sd = hf_encoder.state_dict()
     del sd["layers.3.attn.to_q.weight"]
-    with pytest.raises(ValueError, match=r"missing keys: blocks\.3\.attn\.query\.weight \(from HF layers\.3\.attn"):
+    with pytest.raises(ValueError, match=r"missing: blocks\.3\.attn\.query\.weight \(from HF layers\.3\.attn"):
         load_hf_encoder(sd, ENC)
 
 
 def test_unexpected_key_is_named(hf_encoder):
     sd = hf_encoder.state_dict()
     sd["layers.3.attn.to_k.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"unexpected keys: layers\.3\.attn\.to_k\.weight \(not an HF encoder key\)"):
+    with pytest.raises(ValueError, match=r"unexpected: layers\.3\.attn\.to_k\.weight \(not an HF encoder key\)"):
         load_hf_encoder(sd, ENC)
 
 
@@ -236,7 +236,8 @@ def test_wrong_shape_is_named(hf_encoder):
     sd["layers.5.attn.to_q.weight"] = torch.zeros(7, ENC.hidden_dim)
     inner = ENC.num_heads * ENC.dim_head
     h = ENC.hidden_dim
-    expected = rf"blocks\.5\.attn\.query\.weight \(expected \({inner}, {h}\), got \(7, {h}\)\)"
+    expected = (rf"wrong shape: blocks\.5\.attn\.query\.weight \(from HF layers\.5\.attn\.to_q\.weight\) is \[7, {h}\] "
+                rf"in the checkpoint, the model expects \[{inner}, {h}\]")
     with pytest.raises(ValueError, match=expected):
         load_hf_encoder(sd, ENC)
 
@@ -246,7 +247,7 @@ def test_config_mismatch_lists_surplus_layers(hf_encoder):
 
     last = ENC.num_layers - 1
     shallower = dataclasses.replace(ENC, num_layers=last)
-    expected = rf"unexpected keys: blocks\.{last}\.ff1\.ln\.weight \(from HF layers\.{last}\.ff1\.pre_norm\.weight\)"
+    expected = rf"unexpected: blocks\.{last}\.ff1\.ln\.weight \(from HF layers\.{last}\.ff1\.pre_norm\.weight\)"
     with pytest.raises(ValueError, match=expected):
         load_hf_encoder(hf_encoder, shallower)
 
