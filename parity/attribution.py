@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from parity.capture import Capture, first_tensor
-from parity.compare import SECTIONS, _adapters, _run_section, run_parity
+from parity.compare import SECTIONS, set_adapters, run_section, run_parity
 from parity.metrics import TensorDiff, Tolerance, compare_tensors, default_tolerance
 from parity.pathmap import LayerPair, expand
 
@@ -319,7 +319,7 @@ def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 def _adapter_context(pair, upto: str, has_audio: bool):
     """The LoRA state ``run_parity`` uses: adapters set explicitly only when the decoder runs."""
-    return _adapters(pair, enabled=has_audio) if upto == "decoder" else contextlib.nullcontext(None)
+    return set_adapters(pair, enabled=has_audio) if upto == "decoder" else contextlib.nullcontext(None)
 
 
 def _worst(diffs: list[TensorDiff]) -> TensorDiff:
@@ -379,7 +379,7 @@ def _introduced(pair, inputs, pairs: list[LayerPair], upto: str, tol: Tolerance)
                 module = pair.hf.get_submodule(p.hf)
                 handles.append(module.register_forward_pre_hook(pre_hook(p.hf), with_kwargs=True))
                 handles.append(module.register_forward_hook(post_hook(p.hf)))
-            _run_section("hf", pair.hf, inputs, upto, pair.dtype)
+            run_section("hf", pair.hf, inputs, upto, pair.dtype)
         finally:
             for h in handles:
                 h.remove()
@@ -477,9 +477,9 @@ def noise_floor(pair, inputs, layers: Union[None, str, Sequence[str]] = None) ->
     if layers is None:
         upto = "decoder"
     else:
-        from parity.compare import _requested_pairs
+        from parity.compare import requested_pairs
 
-        upto = max((p.section for p in _requested_pairs(pair.config, layers)), key=SECTIONS.index)
+        upto = max((p.section for p in requested_pairs(pair.config, layers)), key=SECTIONS.index)
     if not has_audio:
         if upto != "decoder":
             raise ValueError("the requested layers need audio but the inputs are text-only; build inputs with audio")
@@ -496,7 +496,7 @@ def noise_floor(pair, inputs, layers: Union[None, str, Sequence[str]] = None) ->
     with _adapter_context(pair, upto, has_audio), torch.no_grad():
         low = Capture(pair.hf, paths)
         with low:
-            _run_section("hf", pair.hf, inputs, upto, pair.dtype)
+            run_section("hf", pair.hf, inputs, upto, pair.dtype)
         hf64 = copy.deepcopy(pair.hf).to(torch.float64)
         seen: dict[str, int] = {}
 
@@ -509,7 +509,7 @@ def noise_floor(pair, inputs, layers: Union[None, str, Sequence[str]] = None) ->
 
         try:
             with Capture(hf64, paths, store=False, on_output=on_output):
-                _run_section("hf", hf64, inputs64, upto, torch.float64)
+                run_section("hf", hf64, inputs64, upto, torch.float64)
         finally:
             del hf64
     return worst

@@ -48,8 +48,8 @@ from parity.capture import Capture, first_tensor
 from parity.metrics import TensorDiff, Tolerance, compare_tensors
 from parity.pathmap import EXCLUDED, INPUT, TRANSFORMS, LayerPair, expand, resolve
 
-__all__ = ["COMPILE_BACKENDS", "LayerResult", "MODES", "ParityResult", "SECTIONS", "recheck", "run_parity",
-           "versions"]
+__all__ = ["COMPILE_BACKENDS", "LayerResult", "MODES", "ParityResult", "SECTIONS", "recheck", "requested_pairs",
+           "run_parity", "run_section", "set_adapters", "versions"]
 
 SECTIONS = ("encoder", "projector", "decoder")
 MODES = ("eager", "compiled", "drift")
@@ -228,7 +228,12 @@ def versions() -> dict:
     return out
 
 
-def _requested_pairs(config, layers: Union[None, str, Sequence[str]]) -> list[LayerPair]:
+def requested_pairs(config, layers: Union[None, str, Sequence[str]]) -> list[LayerPair]:
+    """The path-map pairs for ``layers`` (each name with its sub-modules; None: every layer), in execution order.
+
+    Raises:
+        pathmap.UnknownLayerError (ValueError): an unknown name; the message lists the closest valid names.
+    """
     if layers is None:
         return expand(config)
     if isinstance(layers, str):
@@ -269,7 +274,7 @@ def _set_hf_adapters(hf, enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def _adapters(pair, enabled: bool):
+def set_adapters(pair, enabled: bool):
     """Both sides' LoRA adapters on (``enabled``) or off for the duration; yields a note describing the state.
 
     HF ``forward()`` never toggles peft adapters (only ``generate`` does), so the engine sets them explicitly: on for
@@ -301,7 +306,7 @@ def _adapters(pair, enabled: bool):
             fms.set_adapter(fms_before)
 
 
-def _run_section(model_kind: str, model, inputs, upto: str, dtype: torch.dtype) -> None:
+def run_section(model_kind: str, model, inputs, upto: str, dtype: torch.dtype) -> None:
     """Run one model up to the end of section ``upto`` (outputs are taken by the hooks, not returned)."""
     feats = inputs.input_features
     if feats is not None and upto != "decoder":
@@ -383,7 +388,7 @@ def _stored_run(model, side: str, run: list[LayerPair], inputs, upto: str, dtype
     """Run one side with storing captures on every pair of ``run``; the clones keyed by parity name."""
     caps = _capture(model, run, side)
     with _Stack(caps):
-        _run_section(side, model, inputs, upto, dtype)
+        run_section(side, model, inputs, upto, dtype)
     by_path = {(p.hf if side == "hf" else p.fms): p.name for p in run}
     out: dict[str, list[torch.Tensor]] = {}
     for cap in caps:
@@ -466,7 +471,7 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None,
             raise TypeError(f"inputs must be a parity.pair.ParityInputs (from build_inputs), got "
                             f"{type(inputs).__name__} without .{attr}")
     config = pair.config
-    requested = _requested_pairs(config, layers)
+    requested = requested_pairs(config, layers)
     has_audio = inputs.input_features is not None
     upto = max((p.section for p in requested), key=SECTIONS.index)
     if not has_audio and any(p.section != "decoder" for p in requested):
@@ -477,7 +482,7 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None,
 
     hf_drift: list[LayerResult] = []
     graphs = None
-    adapters = _adapters(pair, enabled=has_audio) if upto == "decoder" else contextlib.nullcontext(None)
+    adapters = set_adapters(pair, enabled=has_audio) if upto == "decoder" else contextlib.nullcontext(None)
     with adapters as adapter_note, torch.no_grad():
         if mode == "eager":
             results = _eager_parity(pair, inputs, run, upto, tol)
@@ -564,14 +569,14 @@ def _eager_parity(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[T
     # 1. the reference, stored
     hf_caps = _capture(pair.hf, run, "hf")
     with _Stack(hf_caps):
-        _run_section("hf", pair.hf, inputs, upto, pair.dtype)
+        run_section("hf", pair.hf, inputs, upto, pair.dtype)
     for cap in hf_caps:
         store = cap.inputs if cap.capture_inputs else cap.outputs
         for path, tensors in store.items():
             reference[by_hf[path].name] = tensors
     # 2. FMS, each output compared as it appears, nothing kept but the statistics
     with _Stack(_capture(pair.fms, run, "fms", callback=on_tensor)):
-        _run_section("fms", pair.fms, inputs, upto, pair.dtype)
+        run_section("fms", pair.fms, inputs, upto, pair.dtype)
     n_ref = {k: len(v) for k, v in reference.items()}
     del reference
     return _judge(run, diffs, errors, n_ref, fms_calls, ("HF", "FMS"))
