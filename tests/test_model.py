@@ -118,23 +118,57 @@ def test_set_adapter_toggling_is_exact(fms, ckpt, cfg):
     feats = _features("transcribe")
     ids = random_input_ids(cfg, feats["audio_embed_sizes"], seed=7)
     args = (ids, feats["input_features"], feats["input_features_mask"])
-    weights_on = {k: v.clone() for k, v in fms.state_dict().items()}
+    def live_weights(model):  # the tensors forward uses (state_dict() reports the un-merged rows by design)
+        return {k: v.detach().clone() for k, v in model.named_parameters() if not k.startswith("lora.")}
+
+    weights_on = live_weights(fms)
     with torch.no_grad():
         on1 = fms(*args)
         fms.set_adapter(False)
         off = fms(*args)
-        weights_off = {k: v.clone() for k, v in fms.state_dict().items()}
+        weights_off = live_weights(fms)
         fms.set_adapter(True)
         on2 = fms(*args)
     assert torch.equal(on1, on2)
-    assert all(torch.equal(weights_on[k], v) for k, v in fms.state_dict().items())
+    assert all(torch.equal(weights_on[k], v) for k, v in live_weights(fms).items())
     assert not torch.equal(on1, off)
     # "off" is bit-for-bit the base model: the same checkpoint loaded without its adapter
     base = load_checkpoint(ckpt, adapter=False)
     assert base.config.lora is None and not base.has_adapter
     with torch.no_grad():
         assert torch.equal(base(*args), off)
-    assert all(torch.equal(weights_off[k], v) for k, v in base.state_dict().items())
+    assert all(torch.equal(weights_off[k], v) for k, v in live_weights(base).items())
+
+
+def test_state_dict_round_trip_merges_the_adapter_once(fms, cfg):
+    """state_dict() holds un-merged weights + lora.*, like a checkpoint: reloading and post_init merges exactly once,
+    into a fresh model and back into the same one."""
+    feats = _features("fox")
+    ids = random_input_ids(cfg, feats["audio_embed_sizes"], seed=11)
+    args = (ids, feats["input_features"], feats["input_features_mask"])
+    sd = {k: v.clone() for k, v in fms.state_dict().items()}
+    with torch.no_grad():
+        want_on = fms(*args)
+        fms.set_adapter(False)
+        want_off = fms(*args)
+        fms.set_adapter(True)
+
+    fresh = GraniteSpeech(cfg)
+    fresh.load_state_dict(sd)
+    fresh.post_init()
+    fms.load_state_dict(sd)  # the same model: the old merge is forgotten, not applied on top
+    fms.post_init()
+    with torch.no_grad():
+        for model in (fresh, fms):
+            assert model.adapter_enabled
+            assert torch.equal(model(*args), want_on)
+            model.set_adapter(False)
+            assert torch.equal(model(*args), want_off)
+            model.set_adapter(True)
+    # a second post_init without reloading is also a no-op on the logits
+    fresh.post_init()
+    with torch.no_grad():
+        assert torch.equal(fresh(*args), want_on)
 
 
 def test_merge_scale_comes_from_config(hf, cfg, tmp_path):
