@@ -385,9 +385,12 @@ def transcribe(
                 temperature=temperature, top_k=top_k, seed=seed, eos_token_id=eos_token_id,
                 pad_token_id=pad_token_id, step_callback=callback,
             )
+            # transcribe_ids re-packs the prompt to its longest real row (the tokenizer may pad wider, e.g. with
+            # pad_to_multiple_of), so the generated tokens start there, not at the processor's width
+            prompt_width = int(inputs["attention_mask"].sum(-1).max())
             if bar is not None:
-                bar.update(max_new_tokens - (out.shape[1] - inputs["input_ids"].shape[1]))
-            new = out[:, inputs["input_ids"].shape[1]:].tolist()
+                bar.update(max_new_tokens - (out.shape[1] - prompt_width))
+            new = out[:, prompt_width:].tolist()
             for row in new:
                 if eos_token_id is not None and eos_token_id in row:
                     row = row[: row.index(eos_token_id)]

@@ -340,3 +340,20 @@ def test_cli_errors_are_one_line(argv, error, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert error in err and len(err.splitlines()) == 1
+
+
+def test_transcribe_when_the_tokenizer_pads_wider_than_the_prompt(untied, processor):
+    """A tokenizer built with pad_to_multiple_of pads every prompt wider than its longest real row; the text must
+    still be the generated tokens (transcribe_ids re-packs the prompt to its longest real row)."""
+    import copy
+
+    _, fms, _ = untied
+    wide = copy.deepcopy(processor)
+    wide.tokenizer.init_kwargs["pad_to_multiple_of"] = 64
+    clip = shipped_audio("fox")
+    prompt = build_prompt(wide.tokenizer)
+    padded = wide([prompt], audio=[clip])
+    assert padded["input_ids"].shape[1] > int(padded["attention_mask"].sum())  # really padded wider
+    want = transcribe(fms, processor, [clip], max_new_tokens=6, eos_token_id=None)
+    assert want[0]
+    assert transcribe(fms, wide, [clip], max_new_tokens=6, eos_token_id=None) == want
