@@ -37,3 +37,9 @@ def state_dict_problems(
         if k in got and tuple(got[k].shape) != tuple(expected[k])
     ]
     return problems
+
+
+def template_regex(template: str) -> re.Pattern:
+    """A key template with ``{}`` for layer numbers (``"layers.{}.attn.to_q.weight"``) as an anchored regex whose
+    groups capture the numbers."""
+    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")

@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 import torch
 
+from fms_granite_speech._strict import template_regex
 from fms_granite_speech.config import GraniteSpeechConfig, LoRAConfig, get_config
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "check_safetensors_folder", "load_checkpoint", "read_lora_config"]
@@ -270,7 +271,7 @@ def load_checkpoint(
         model.load_state_dict(tensors, strict=False, assign=True)
         loaded.update(tensors)
 
-    optional = [re.compile("^encoder." + re.escape(t).replace(r"\{\}", r"\d+") + "$") for t in FMS_OPTIONAL_KEYS]
+    optional = [template_regex("encoder." + t) for t in FMS_OPTIONAL_KEYS]
     tied = {"decoder.head.weight"} if config.decoder.tie_heads else set()
     present = loaded | {key for key, _ in problems}
     missing = [k for k in shapes if k not in present and k not in tied and not any(p.match(k) for p in optional)]

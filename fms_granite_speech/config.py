@@ -16,6 +16,7 @@ FMS's own ``GraniteConfig`` so the decoder is ``fms.models.granite.Granite`` unc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -93,8 +94,17 @@ class LoRAConfig(ModelConfig):
     alpha: float = 32.0
     target_modules: tuple = ("q_proj", "v_proj")
 
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be a positive int, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules is empty; name the adapted projections, e.g. ('q_proj', 'v_proj')")
+
     @property
     def scaling(self) -> float:
+        """The factor peft multiplies ``B @ A`` by: ``alpha / rank`` (0.5 for the released adapters: 32 / 64)."""
         return self.alpha / self.rank
 
 
@@ -417,10 +427,4 @@ def get_config(variant: str) -> GraniteSpeechConfig:
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown Granite Speech variant {variant!r}; known variants: {', '.join(VARIANTS)}")
-    return _deepcopy(VARIANTS[variant])
-
-
-def _deepcopy(cfg: GraniteSpeechConfig) -> GraniteSpeechConfig:
-    import copy
-
-    return copy.deepcopy(cfg)
+    return copy.deepcopy(VARIANTS[variant])

@@ -14,7 +14,6 @@ attention, so a padded item's output differs from the same item run alone, exact
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Mapping, Optional, Union
 
 import torch
@@ -23,7 +22,7 @@ from fms.modules.feedforward import FeedForwardBlock
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fms_granite_speech._strict import state_dict_problems
+from fms_granite_speech._strict import state_dict_problems, template_regex
 from fms_granite_speech.config import EncoderConfig
 
 __all__ = [
@@ -391,15 +390,11 @@ HF_ENCODER_TRANSFORMS: dict[str, Callable] = {
 }
 
 
-def _template_regex(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
-
-
-_HF_PATTERNS = [(_template_regex(t), t) for t in HF_ENCODER_KEY_MAP]
+_HF_PATTERNS = [(template_regex(t), t) for t in HF_ENCODER_KEY_MAP]
 
 
 _FMS_PATTERNS = [
-    (_template_regex(fms), hf)
+    (template_regex(fms), hf)
     for hf, target in HF_ENCODER_KEY_MAP.items()
     for fms in (target if isinstance(target, tuple) else (target,))
 ]
@@ -508,7 +503,7 @@ def load_hf_encoder(
         converted,
         describe_missing=lambda k: f"{k} (from HF {_hf_name_of(k)})",
         describe_unexpected=lambda k: f"{k} ({_origin(k)})",
-        optional=[_template_regex(t) for t in FMS_OPTIONAL_KEYS],
+        optional=[template_regex(t) for t in FMS_OPTIONAL_KEYS],
     )
     if problems:
         raise ValueError(

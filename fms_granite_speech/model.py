@@ -25,7 +25,6 @@ enables the adapter when audio is given and disables it for text-only prompts).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import sys
 from pathlib import Path
@@ -38,11 +37,11 @@ from fms.models.granite import Granite
 from fms.utils import serialization
 from torch import nn
 
+from fms_granite_speech._strict import template_regex
 from fms_granite_speech.config import GraniteSpeechConfig, LoRAConfig, VARIANTS, get_config
 from fms_granite_speech.conformer import FMS_OPTIONAL_KEYS, ConformerEncoder, hf_encoder_to_fms
 from fms_granite_speech.projector import QFormerProjector, hf_projector_to_fms
 
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "GraniteSpeech",
@@ -266,7 +265,7 @@ class GraniteSpeech(nn.Module):
 
     def _materialize_optional_buffers(self):
         """BatchNorm's ``num_batches_tracked`` is optional in checkpoints (eval never reads it): 0 when absent."""
-        patterns = [re.compile("^encoder." + re.escape(t).replace(r"\{\}", r"\d+") + "$") for t in FMS_OPTIONAL_KEYS]
+        patterns = [template_regex("encoder." + t) for t in FMS_OPTIONAL_KEYS]
         device = self.decoder.base_model.embedding.weight.device
         for name, buf in list(self.named_buffers()):
             if buf.is_meta and any(p.match(name) for p in patterns):

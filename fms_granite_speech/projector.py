@@ -30,7 +30,7 @@ from fms.modules.feedforward import FeedForwardBlock
 from fms.utils.activation import str_to_activation
 from torch import nn
 
-from fms_granite_speech._strict import state_dict_problems
+from fms_granite_speech._strict import state_dict_problems, template_regex
 from fms_granite_speech.config import ProjectorConfig
 
 __all__ = [
@@ -300,12 +300,8 @@ HF_PROJECTOR_KEY_MAP: dict[str, str] = {
 }
 
 
-def _template_regex(template: str) -> re.Pattern:
-    return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
-
-
-_HF_TO_FMS = [(_template_regex(hf), fms) for hf, fms in HF_PROJECTOR_KEY_MAP.items()]
-_FMS_TO_HF = [(_template_regex(fms), hf) for hf, fms in HF_PROJECTOR_KEY_MAP.items()]
+_HF_TO_FMS = [(template_regex(hf), fms) for hf, fms in HF_PROJECTOR_KEY_MAP.items()]
+_FMS_TO_HF = [(template_regex(fms), hf) for hf, fms in HF_PROJECTOR_KEY_MAP.items()]
 
 
 def _translate(key: str, table: list[tuple[re.Pattern, str]]) -> Optional[str]:

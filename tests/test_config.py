@@ -67,3 +67,15 @@ def test_refusals_name_the_problem():
         tiny.replace(projector=ProjectorConfig(hidden_size=40, num_heads=4, encoder_hidden_size=45))
     with pytest.raises(ValueError, match="audio_token_index"):
         tiny.replace(audio_token_index=10_000)
+
+
+def test_lora_config_refuses_what_cannot_be_merged():
+    from fms_granite_speech.config import LoRAConfig
+
+    assert LoRAConfig(rank=64, alpha=32.0).scaling == 32.0 / 64
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        LoRAConfig(alpha=0.0)
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        LoRAConfig(target_modules=())
