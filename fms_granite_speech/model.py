@@ -393,11 +393,16 @@ class GraniteSpeech(nn.Module):
             input_features_mask: bool [B_audio, N] (True = real audio token) or None (all N tokens of every clip).
 
         Raises:
-            TypeError: ids not an integer tensor, or a non-bool mask.
-            ValueError: bad shapes, or the number of ``<|audio|>`` tokens differs from the number of audio
+            TypeError: ids not an integer tensor (bool included), or a non-bool mask.
+            ValueError: bad shapes, ids outside the vocabulary (checked for prompts, L > 1), or the number of ``<|audio|>`` tokens differs from the number of audio
                 embeddings (both counts in the message).
         """
-        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.is_floating_point()
+            or input_ids.is_complex()
+            or input_ids.dtype == torch.bool
+        ):
             raise TypeError(
                 "input_ids must be an integer torch.Tensor [B, L] of token ids, got "
                 f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}"
@@ -407,6 +412,14 @@ class GraniteSpeech(nn.Module):
                 f"input_ids must have shape [B, L], got {tuple(input_ids.shape)}; add a batch dimension with "
                 "unsqueeze(0)"
             )
+        if input_ids.shape[1] > 1 and not torch.compiler.is_compiling():
+            # prompts only: a decode step (L = 1) stays free of this host sync
+            lo, hi, vocab = int(input_ids.min()), int(input_ids.max()), self.config.decoder.src_vocab_size
+            if lo < 0 or hi >= vocab:
+                raise ValueError(
+                    f"input_ids hold ids in [{lo}, {hi}] but the decoder vocabulary is [0, {vocab - 1}]; the "
+                    "tokenizer does not belong to this checkpoint"
+                )
         is_audio = input_ids == self.config.audio_token_index
         embeds = self.decoder.base_model.embedding(input_ids.masked_fill(is_audio, 0))
         if input_features is None:

@@ -215,6 +215,11 @@ def test_audio_token_count_mismatch_is_a_clear_error(fms, cfg):
         fms(random_input_ids(cfg, [n]), feats["input_features"], feats["input_features_mask"].long())
     with pytest.raises(ValueError, match=r"input_ids must have shape \[B, L\]"):
         fms(ids[0])
+    with pytest.raises(TypeError, match="input_ids must be an integer torch.Tensor"):
+        fms(ids > 5)
+    vocab = cfg.decoder.src_vocab_size
+    with pytest.raises(ValueError, match=rf"ids in \[0, {vocab}\] but the decoder vocabulary is \[0, {vocab - 1}\]"):
+        fms(torch.tensor([[0, vocab]]))
 
 
 @pytest.mark.parametrize("variant", ["3.3-2b", "3.3-8b"])
