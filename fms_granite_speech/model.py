@@ -844,8 +844,11 @@ def build_granite_speech_params(hf_config) -> dict:
     """FMS param builder: a transformers ``GraniteSpeechConfig`` (+ the folder's adapter_config.json) -> kwargs.
 
     The LoRA rank / alpha / targets come from ``adapter_config.json`` next to config.json (``hf_config`` remembers
-    its folder as ``name_or_path``); without that file the model has no adapter. Returns ``{"config": ...}`` for
-    the ``granite_speech`` factory.
+    its folder as ``name_or_path``). Returns ``{"config": ...}`` for the ``granite_speech`` factory.
+
+    Raises:
+        ValueError: config.json declares ``has_lora_adapter`` but the folder has no adapter (the same refusal as
+            ``checkpoint.load_checkpoint``, which can load the base model with ``adapter=False``).
     """
     from fms_granite_speech.checkpoint import check_safetensors_folder, read_lora_config
 
@@ -853,6 +856,12 @@ def build_granite_speech_params(hf_config) -> dict:
     lora = read_lora_config(folder) if folder.is_dir() else None
     if folder.is_dir():
         check_safetensors_folder(folder, for_glob=True)
+    if lora is None and getattr(hf_config, "has_lora_adapter", False):
+        raise ValueError(
+            f"{folder}/config.json declares has_lora_adapter=true but the folder has no adapter_config.json; "
+            "load the base model without the audio LoRA with "
+            "fms_granite_speech.checkpoint.load_checkpoint(DIR, adapter=False)"
+        )
     config = GraniteSpeechConfig.from_hf(hf_config, lora=lora)
     if lora is not None and config.lora is None:
         config = config.replace(lora=lora)  # HF loads an adapter folder even when has_lora_adapter is false

@@ -266,6 +266,8 @@ def test_adapter_declared_but_absent_and_variant_mismatch(ckpt, tmp_path):
     assert load_checkpoint(base_only, adapter=False).config.lora is None
     with pytest.raises(ValueError, match=r"not filled by the checkpoint.*no adapter_model\.safetensors"):
         get_model("granite_speech", "tiny", model_path=str(base_only), source="hf")
+    with pytest.raises(ValueError, match=r"has_lora_adapter=true .* adapter=False"):
+        get_model("hf_pretrained", model_path=str(base_only))
     with pytest.raises(ValueError, match="does not describe the '3.3-2b' variant"):
         load_checkpoint(ckpt, variant="3.3-2b")
 
