@@ -27,6 +27,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from fms.utils.generation import generate, pad_input_ids
 
@@ -305,7 +306,7 @@ def build_prompt(tokenizer: Any, instruction: str = DEFAULT_INSTRUCTION, audio_t
             "<|start_of_role|>assistant<|end_of_role|>")
 
 
-AudioClip = Union[str, Path, torch.Tensor]
+AudioClip = Union[str, Path, torch.Tensor, np.ndarray]
 
 
 def transcribe(
@@ -330,7 +331,8 @@ def transcribe(
     Args:
         model: ``GraniteSpeech`` in eval mode.
         processor: ``GraniteSpeechProcessor`` (tokenizer + feature extractor).
-        audio: one clip or a list: WAV paths or float waveforms [samples] (16 kHz unless ``sampling_rate``).
+        audio: one clip or a list: WAV paths or float waveforms [samples] (tensors or numpy arrays; 16 kHz unless
+            ``sampling_rate``).
         prompt: the user instruction (default ``DEFAULT_INSTRUCTION``), wrapped by ``build_prompt``; ``<|audio|>`` is
             put in front when it has none.
         max_new_tokens: most tokens per clip.
@@ -348,8 +350,10 @@ def transcribe(
     Raises:
         ValueError / TypeError / FileNotFoundError: from the processor for bad audio or prompt, or bad settings.
     """
-    clips = [audio] if isinstance(audio, (str, Path)) or (isinstance(audio, torch.Tensor) and audio.dim() == 1) \
-        else list(audio)
+    single = isinstance(audio, (str, Path)) or (
+        isinstance(audio, (torch.Tensor, np.ndarray)) and audio.ndim == 1
+    )
+    clips = [audio] if single else list(audio)
     if not clips:
         raise ValueError("no audio given; pass a WAV path, a waveform tensor, or a list of them")
     batch_size = _check_int("batch_size", batch_size, 1)

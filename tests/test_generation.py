@@ -357,3 +357,12 @@ def test_transcribe_when_the_tokenizer_pads_wider_than_the_prompt(untied, proces
     want = transcribe(fms, processor, [clip], max_new_tokens=6, eos_token_id=None)
     assert want[0]
     assert transcribe(fms, wide, [clip], max_new_tokens=6, eos_token_id=None) == want
+
+
+def test_transcribe_takes_a_numpy_waveform(untied, processor):
+    from fms_granite_speech.features import load_wav
+
+    _, fms, _ = untied
+    wave = load_wav(shipped_audio("fox"))[0][0]
+    want = transcribe(fms, processor, shipped_audio("fox"), max_new_tokens=4, eos_token_id=None)
+    assert transcribe(fms, processor, wave.numpy(), max_new_tokens=4, eos_token_id=None) == want
