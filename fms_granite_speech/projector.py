@@ -141,7 +141,11 @@ class QFormerMLP(nn.Module):
             p_dropout=0.0,
             use_bias=True,
         )
-        assert self.ff_sub_layer.hidden_dim == config.intermediate_size
+        if self.ff_sub_layer.hidden_dim != config.intermediate_size:  # FMS sizes the layer from a float factor
+            raise ValueError(
+                f"FMS FeedForwardBlock built {self.ff_sub_layer.hidden_dim} hidden units for projector "
+                f"intermediate_size={config.intermediate_size}"
+            )
         self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
