@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from parity.capture import Capture, first_tensor
-from parity.compare import SECTIONS, set_adapters, run_section, run_parity
+from parity.compare import SECTIONS, apply_transform, run_parity, run_section, set_adapters, worst_diff
 from parity.metrics import TensorDiff, Tolerance, compare_tensors, default_tolerance
 from parity.pathmap import LayerPair, expand
 
@@ -128,11 +128,10 @@ def _call_decoder_layer(fms: nn.Module, module: nn.Module, t: dict) -> torch.Ten
 
 
 def _call_logits(fms: nn.Module, module: nn.Module, t: dict) -> torch.Tensor:
-    # Granite.forward: head(dec_norm output) / logits_scaling; the path map's "logits_scaling" transform then
-    # multiplies back (computed in float64, rounded once), exactly as run_parity treats the FMS logits
-    scale = float(fms.config.decoder.logits_scaling)
-    preds = fms.decoder.head(t["x"]) / scale
-    return (preds.to(torch.float64) * scale).to(preds.dtype)
+    # Granite.forward: head(dec_norm output) / logits_scaling; then the path map's "logits_scaling" transform, the
+    # same function run_parity applies to the FMS logits
+    preds = fms.decoder.head(t["x"]) / float(fms.config.decoder.logits_scaling)
+    return apply_transform("logits_scaling", preds, fms.config)
 
 
 @dataclass(frozen=True)
@@ -322,11 +321,6 @@ def _adapter_context(pair, upto: str, has_audio: bool):
     return set_adapters(pair, enabled=has_audio) if upto == "decoder" else contextlib.nullcontext(None)
 
 
-def _worst(diffs: list[TensorDiff]) -> TensorDiff:
-    pool = [d for d in diffs if not d.passed] or diffs
-    return max(pool, key=lambda d: math.inf if math.isnan(d.rel_l2) else d.rel_l2)
-
-
 def _introduced(pair, inputs, pairs: list[LayerPair], upto: str, tol: Tolerance):
     """Run HF up to ``upto``; at each attributed HF module run its FMS twin on the same inputs and compare.
 
@@ -424,7 +418,7 @@ def attribute(pair, inputs, tol: Optional[Tolerance] = None, layers: Union[None,
         error = errors.get(p.name)
         if error is None and not diffs[p.name]:
             error = f"HF module {p.hf} never ran"
-        intro = _worst(diffs[p.name]) if diffs[p.name] and error is None else None
+        intro = worst_diff(diffs[p.name]) if diffs[p.name] and error is None else None
         passed = intro is not None and intro.passed
         out.append(LayerAttribution(
             name=p.name, hf=p.hf, fms=p.fms, kind=kind_of(p.name),

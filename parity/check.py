@@ -34,6 +34,7 @@ __all__ = [
     "case_inputs",
     "evaluate",
     "layer_group",
+    "load_suite",
     "load_thresholds",
     "make_baseline",
     "run_cases",
@@ -313,11 +314,23 @@ def run_check(out_dir: Union[str, Path] = "parity-report", workers: str = "auto"
 
     Runs ``python -m pytest <parity/tests> -m "not gpu" -n WORKERS --junitxml OUT/junit.xml --parity-report OUT``,
     loads the plugin's merged ``OUT/parity-suite.json``, ``evaluate``s it against ``thresholds`` and writes
-    ``OUT/parity-check.{md,json}``. With ``update_baseline`` the thresholds file is rewritten from the results
-    instead (only when every case passes).
+    ``OUT/parity-check.{md,json}``. The thresholds file is loaded before pytest runs, and the previous run's suite
+    report in ``OUT`` is deleted first, so a run that records nothing fails instead of judging stale results.
+    With ``update_baseline`` the thresholds file is rewritten from the results instead, only when pytest exited 0 and
+    every case passed (a missing thresholds file is then created).
+
+    Raises:
+        FileNotFoundError: ``thresholds`` given (or the committed file) and absent, without ``update_baseline``.
+        ValueError: ``thresholds`` is not a thresholds document.
     """
+    from parity.report import SUITE_MD, SUITE_PNG
+
+    path = Path(thresholds) if thresholds else THRESHOLDS_PATH
+    doc = load_thresholds(path) if not update_baseline or path.is_file() else None
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for stale in (SUITE_JSON, SUITE_MD, SUITE_PNG):
+        (out / stale).unlink(missing_ok=True)
     suite_dir = Path(__file__).with_name("tests")
     cmd = [sys.executable, "-m", "pytest", str(suite_dir), "-m", "not gpu", "-q", "-p", "no:cacheprovider",
            "--junitxml", str(out / "junit.xml"), "--parity-report", str(out)]
@@ -328,23 +341,28 @@ def run_check(out_dir: Union[str, Path] = "parity-report", workers: str = "auto"
     cmd += list(pytest_args)
     print("parity check:", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=str(suite_dir.parent.parent))
+    if not (out / SUITE_JSON).is_file():
+        print(f"parity check: error: pytest (exit {rc}) recorded no parity results in {out / SUITE_JSON}",
+              file=sys.stderr)
+        return 1
     try:
         results = load_suite(out / SUITE_JSON)
-    except (FileNotFoundError, ValueError) as err:
+    except ValueError as err:
         print(f"parity check: error: {err}", file=sys.stderr)
         return 1
     if update_baseline:
-        path = Path(thresholds) if thresholds else THRESHOLDS_PATH
-        previous = load_thresholds(path) if path.is_file() else None
-        try:
-            doc = make_baseline(results, previous=previous)
-        except ValueError as err:
-            print(f"parity check: error: {err}", file=sys.stderr)
+        if rc != 0:
+            print(f"parity check: error: pytest exited {rc}; baseline NOT written to {path}", file=sys.stderr)
             return 1
-        path.write_text(json.dumps(doc, indent=2) + "\n")
+        try:
+            new_doc = make_baseline(results, previous=doc)
+        except ValueError as err:
+            print(f"parity check: error: {err}; baseline NOT written", file=sys.stderr)
+            return 1
+        path.write_text(json.dumps(new_doc, indent=2) + "\n")
         print(f"parity check: baseline written to {path}")
-        return 0 if rc == 0 else 1
-    outcome = evaluate(results, load_thresholds(thresholds))
+        return 0
+    outcome = evaluate(results, doc)
     jp, mp = write_check_report(outcome, out)
     for case in outcome.cases:
         print(f"  {case}: first divergent layer: {outcome.first_divergent.get(case) or 'none'}")

@@ -11,7 +11,11 @@
     parity report RESULT.json [--out DIR]
 
 Exit codes: 0 the requested layers pass, 1 one of them fails, 2 a usage error (unknown layer, missing audio file,
-bad checkpoint folder, bad option); errors are one line on stderr, never a traceback.
+bad checkpoint folder, bad option, unwritable report folder); errors are one line on stderr, never a traceback.
+``--mode compiled/drift`` hitting dynamo's recompile limit (``torch._dynamo.exc.FailOnRecompileLimitHit``, raised on
+purpose instead of a silent eager fallback) exits 1 with a one-line error: the command was valid but produced no
+verdict, so a gate must not pass it and it is not the caller's typo. Any other exception from inside the engine
+(a TypeError from a bug, say) is left to surface with its traceback.
 """
 
 from __future__ import annotations
@@ -121,6 +125,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _UsageError as err:
         print(f"parity {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as err:  # noqa: BLE001 -- only dynamo's recompile limit is turned into a one-line error
+        if not _is_recompile_limit(err):
+            raise
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"parity {args.command}: error: torch.compile hit its recompile limit ({first}); compare fewer layers "
+              "(--layer) or use --mode eager", file=sys.stderr)
+        return EXIT_FAIL
+
+
+def _is_recompile_limit(err: BaseException) -> bool:
+    """``err`` is dynamo's ``FailOnRecompileLimitHit`` (looked up lazily: torch is not imported for ``map``)."""
+    exc = sys.modules.get("torch._dynamo.exc")
+    cls = getattr(exc, "FailOnRecompileLimitHit", None)
+    return cls is not None and isinstance(err, cls)
 
 
 # -- map --------------------------------------------------------------------------------------------------------------
@@ -208,7 +226,7 @@ def _cmd_diff(args) -> int:
             from parity.attribution import attribute
 
             result.attribution = attribute(pair, inputs, layers=args.layer).to_dict()
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:
         raise _UsageError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
     finally:
         torch.set_num_threads(threads)
@@ -246,7 +264,7 @@ def _cmd_compile_report(args) -> int:
         pair = build_pair(variant=args.variant, seed=args.seed)
         inputs = build_inputs(pair, audio=args.audio, prompt=DEFAULT_PROMPT)
         reports = explain_graph_breaks(pair.fms, inputs)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:
         raise _UsageError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
     print(f"parity compile-report: variant {args.variant}, seed {args.seed}, audio {', '.join(inputs.audio)}")
     print(tabulate([r.row() for r in reports], headers=("piece", "graphs", "breaks", "ops", "reasons"),
@@ -287,10 +305,15 @@ def _cmd_recheck(args) -> int:
     for line in summary_lines(new):
         print(line)
     out_dir = args.report_dir or str(path.parent) + "-rechecked"
-    json_path, md_path = write_report(new, out_dir)
+    try:
+        json_path, md_path = write_report(new, out_dir)
+    except ValueError as err:
+        raise _UsageError(str(err)) from None
     print(f"report: {json_path} {md_path}")
-    shown = [r for r in new.layers if r.name in set(names or new.requested)]
-    return EXIT_PASS if all(r.passed for r in shown) else EXIT_FAIL
+    shown = set(names or new.requested)
+    # like ParityResult.passed (diff's exit code): in drift mode HF's own drift counts as well
+    rows = [r for r in new.layers + new.hf_drift if r.name in shown]
+    return EXIT_PASS if all(r.passed for r in rows) else EXIT_FAIL
 
 
 # -- check / report ---------------------------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ from parity.capture import Capture, first_tensor
 from parity.metrics import TensorDiff, Tolerance, compare_tensors
 from parity.pathmap import EXCLUDED, INPUT, TRANSFORMS, LayerPair, expand, resolve
 
-__all__ = ["COMPILE_BACKENDS", "LayerResult", "MODES", "ParityResult", "SECTIONS", "recheck", "requested_pairs",
-           "run_parity", "run_section", "set_adapters", "versions"]
+__all__ = ["COMPILE_BACKENDS", "LayerResult", "MODES", "ParityResult", "SECTIONS", "apply_transform", "recheck",
+           "requested_pairs", "run_parity", "run_section", "set_adapters", "versions", "worst_diff"]
 
 SECTIONS = ("encoder", "projector", "decoder")
 MODES = ("eager", "compiled", "drift")
@@ -248,15 +248,28 @@ def requested_pairs(config, layers: Union[None, str, Sequence[str]]) -> list[Lay
     return sorted(out, key=lambda p: order[p.name])
 
 
-def _apply_transform(pair: LayerPair, tensor: torch.Tensor, config) -> torch.Tensor:
-    """The named transform of ``pair`` on an FMS tensor (``pathmap.TRANSFORMS`` states each)."""
-    if pair.transform is None:
+def apply_transform(transform: Optional[str], tensor: torch.Tensor, config) -> torch.Tensor:
+    """An FMS tensor put on HF's scale by the path-map transform named ``transform`` (None: unchanged).
+
+    The one implementation of every ``pathmap.TRANSFORMS`` entry; ``run_parity``, ``parity.attribution`` and
+    ``parity.generation`` all call it, so they cannot disagree. ``logits_scaling``: ``tensor`` [..., vocab] times
+    ``config.decoder.logits_scaling`` (FMS Granite divides its logits by it, transformers 5.x does not), computed in
+    float64 and rounded once back to ``tensor.dtype``: exact for a power-of-two scale (8, 16 in the released models),
+    at most half an ULP otherwise. Same shape and dtype as ``tensor``.
+
+    Raises:
+        ValueError: a transform name ``pathmap.TRANSFORMS`` does not know.
+    """
+    if transform is None:
         return tensor
-    if pair.transform == "logits_scaling":
-        # computed in float64, rounded once back to the FMS dtype: exact for a power-of-two scale (8, 16 in the
-        # released models), at most half an ULP otherwise
+    if transform == "logits_scaling":
         return (tensor.to(torch.float64) * float(config.decoder.logits_scaling)).to(tensor.dtype)
-    raise ValueError(f"unknown transform {pair.transform!r} in the path map; known: {', '.join(TRANSFORMS)}")
+    raise ValueError(f"unknown transform {transform!r} in the path map; known: {', '.join(TRANSFORMS)}")
+
+
+def _apply_transform(pair: LayerPair, tensor: torch.Tensor, config) -> torch.Tensor:
+    """``apply_transform`` of ``pair.transform``."""
+    return apply_transform(pair.transform, tensor, config)
 
 
 def _hf_adapters_enabled(hf) -> Optional[bool]:
@@ -352,10 +365,13 @@ def _capture(model, pairs: list[LayerPair], side: str, callback=None) -> list[Ca
     return caps
 
 
-def _worst(diffs: list[TensorDiff]) -> TensorDiff:
-    failing = [d for d in diffs if not d.passed]
-    pool = failing or diffs
-    return max(pool, key=lambda d: (d.rel_l2 if not math.isnan(d.rel_l2) else math.inf))
+def worst_diff(diffs: list[TensorDiff]) -> TensorDiff:
+    """The diff that judges a module called several times: the worst failing call, else the worst call overall.
+
+    "Worst" is the largest ``rel_l2`` (NaN counts as infinite). ``diffs`` must not be empty.
+    """
+    pool = [d for d in diffs if not d.passed] or diffs
+    return max(pool, key=lambda d: math.inf if math.isnan(d.rel_l2) else d.rel_l2)
 
 
 def _check_mode(mode: str, compile_backend: str) -> None:
@@ -387,7 +403,7 @@ def _stored_run(model, side: str, run: list[LayerPair], inputs, upto: str, dtype
                 ) -> dict[str, list[torch.Tensor]]:
     """Run one side with storing captures on every pair of ``run``; the clones keyed by parity name."""
     caps = _capture(model, run, side)
-    with _Stack(caps):
+    with _entered(caps):
         run_section(side, model, inputs, upto, dtype)
     by_path = {(p.hf if side == "hf" else p.fms): p.name for p in run}
     out: dict[str, list[torch.Tensor]] = {}
@@ -410,7 +426,7 @@ def _judge(run: list[LayerPair], diffs: dict, errors: dict, n_ref: dict, n_test:
         if error is None and ref != test:
             error = (f"module ran {ref} time(s) in {labels[0]} ({p.hf}) but {test} time(s) in {labels[1]} "
                      f"({p.fms or '<model>'})")
-        diff = _worst(diffs[p.name]) if diffs.get(p.name) else None
+        diff = worst_diff(diffs[p.name]) if diffs.get(p.name) else None
         if error is None and diff is None:
             error = "no tensor was produced on either side"
         results.append(LayerResult(pair=p, diff=diff, error=error, calls=max(ref, test)))
@@ -568,14 +584,14 @@ def _eager_parity(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[T
 
     # 1. the reference, stored
     hf_caps = _capture(pair.hf, run, "hf")
-    with _Stack(hf_caps):
+    with _entered(hf_caps):
         run_section("hf", pair.hf, inputs, upto, pair.dtype)
     for cap in hf_caps:
         store = cap.inputs if cap.capture_inputs else cap.outputs
         for path, tensors in store.items():
             reference[by_hf[path].name] = tensors
     # 2. FMS, each output compared as it appears, nothing kept but the statistics
-    with _Stack(_capture(pair.fms, run, "fms", callback=on_tensor)):
+    with _entered(_capture(pair.fms, run, "fms", callback=on_tensor)):
         run_section("fms", pair.fms, inputs, upto, pair.dtype)
     n_ref = {k: len(v) for k, v in reference.items()}
     del reference
@@ -587,32 +603,18 @@ def _section(name: str) -> str:
     return head if head in SECTIONS else "decoder"
 
 
+@contextlib.contextmanager
+def _entered(managers: Iterable):
+    """Every context manager of ``managers`` (the captures) entered in order, exited in reverse (``ExitStack``)."""
+    with contextlib.ExitStack() as stack:
+        for m in managers:
+            stack.enter_context(m)
+        yield
+
+
 def _config_dict(config) -> dict:
     """The config as JSON-safe data (anything json cannot hold becomes its ``str``)."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
-
-
-class _Stack:
-    """Enter several context managers (the captures) and exit them all."""
-
-    def __init__(self, managers: Iterable):
-        self.managers = list(managers)
-
-    def __enter__(self):
-        entered = []
-        try:
-            for m in self.managers:
-                m.__enter__()
-                entered.append(m)
-        except BaseException:
-            for m in reversed(entered):
-                m.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        for m in reversed(self.managers):
-            m.__exit__(*exc)
 
 
 # -- re-checking saved results ------------------------------------------------------------------------------------

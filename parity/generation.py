@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from tabulate import tabulate
 
+from parity.compare import apply_transform
 from parity.metrics import Tolerance, compare_tensors, default_tolerance
 
 __all__ = [
@@ -173,6 +174,7 @@ class GenerationParity:
         return _json_safe(out)
 
     def to_json(self, indent: Optional[int] = 2) -> str:
+        """``to_dict`` as strict JSON text (non-finite floats are written as the strings ``"nan"``/``"inf"``)."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @classmethod
@@ -188,6 +190,11 @@ class GenerationParity:
 
     @classmethod
     def from_json(cls, text: str) -> "GenerationParity":
+        """Inverse of ``to_json``.
+
+        Raises:
+            json.JSONDecodeError (a ValueError): not JSON. KeyError / TypeError: JSON that is not a saved result.
+        """
         return cls.from_dict(json.loads(text))
 
 
@@ -311,7 +318,8 @@ def compare_generation(
     forced_logits: list[torch.Tensor] = []
     transcribe_ids(fms_model, input_ids, features, features_mask, attention_mask=attention_mask,
                    forced_tokens=hf_new, pad_token_id=pad_token_id,
-                   step_callback=lambda step, logits, tokens: forced_logits.append(logits.float() * scaling))
+                   step_callback=lambda step, logits, tokens: forced_logits.append(
+                       apply_transform("logits_scaling", logits, config).float()))
 
     steps = []
     for s, (f, h) in enumerate(zip(forced_logits, hf_logits)):
@@ -434,6 +442,9 @@ def cmd_generate(args: Any) -> int:
             raise ValueError("--text-only and --audio exclude each other")
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.json and Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json} is a folder; give a file path such as "
+                             f"{Path(args.json) / 'generation.json'}")
         for path in args.audio or []:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"audio file not found: {path}")
@@ -461,6 +472,10 @@ def cmd_generate(args: Any) -> int:
     print(f"parity generate: {weights}, {source}")
     print(format_table(result, tokenizer=pair.get_tokenizer()))
     if args.json:
-        Path(args.json).write_text(result.to_json())
+        try:
+            Path(args.json).write_text(result.to_json())
+        except OSError as err:  # a folder, a missing parent, no permission
+            print(f"parity generate: error: cannot write --json {args.json}: {err.strerror or err}", file=sys.stderr)
+            return 2
         print(f"json: {args.json}")
     return 0 if result.passed else 1

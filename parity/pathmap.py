@@ -37,6 +37,7 @@ __all__ = [
     "expand",
     "layer_names",
     "resolve",
+    "suggest",
     "uncovered_parameters",
 ]
 
@@ -154,6 +155,7 @@ class LayerPair:
     section: str = "encoder"
 
     def to_dict(self) -> dict:
+        """The pair as a plain JSON-safe dict (``name``, ``hf``, ``fms``, ``tensor``, ``transform``, ``section``)."""
         return asdict(self)
 
 
@@ -235,7 +237,9 @@ def resolve(name: str, config: GraniteSpeechConfig) -> list[LayerPair]:
 
     ``name`` is a parity name (``encoder.blocks.8``, ``projector.layers.1.cross_attn``, ``logits``) or a dotted
     prefix of one (``encoder``, ``decoder.layers``). ``resolve("encoder.blocks.8")`` gives the block's ff1, attn,
-    conv, ff2, post_norm and the block itself.
+    conv, ff2, post_norm and the block itself. ``resolve("decoder")`` gives the whole decoder section: the merged
+    embeddings, every layer, the final norm and ``logits`` (the LM head runs in the decoder section although its
+    parity name has no ``decoder.`` prefix).
 
     Raises:
         UnknownLayerError (a ValueError): no such name; the message and ``.suggestions`` give the closest valid
@@ -244,7 +248,8 @@ def resolve(name: str, config: GraniteSpeechConfig) -> list[LayerPair]:
     if not isinstance(name, str) or not name.strip():
         raise UnknownLayerError(str(name), [])
     name = name.strip()
-    pairs = [p for p in expand(config) if p.name == name or p.name.startswith(name + ".")]
+    pairs = [p for p in expand(config) if p.name == name or p.name.startswith(name + ".")
+             or (name == "decoder" and p.section == "decoder")]
     if not pairs:
         raise UnknownLayerError(name, suggest(name, config))
     return pairs

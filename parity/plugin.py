@@ -96,14 +96,13 @@ def pytest_sessionfinish(session, exitstatus):
             merged.update(json.loads(shard.read_text()))
         shutil.rmtree(shard_dir, ignore_errors=True)
     out = _out_dir(config)
-    if not merged or (out is None and not merged):
+    if not merged:
         return
     from parity.compare import ParityResult
     from parity.report import DEFAULT_REPORT_DIR, write_suite_report
 
     results = {name: ParityResult.from_dict(d) for name, d in sorted(merged.items())}
     paths = write_suite_report(results, out or Path(DEFAULT_REPORT_DIR))
-    config.stash[_KEY] = merged
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(f"parity suite report ({len(results)} results): {', '.join(str(p) for p in paths)}")

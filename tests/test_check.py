@@ -10,7 +10,12 @@ import pytest
 import torch.nn.functional as F
 
 import fms_granite_speech.projector as projector_module
-from parity.check import evaluate, layer_group, load_thresholds, run_cases, write_check_report
+import json
+import subprocess
+from pathlib import Path
+
+import parity.check
+from parity.check import evaluate, layer_group, load_suite, load_thresholds, run_cases, run_check, write_check_report
 from parity.cli import main
 from parity.metrics import default_tolerance
 from parity.pair import build_pair, parse_dtype
@@ -138,3 +143,65 @@ def test_report_has_header_plot_and_regenerates_from_json(honest, tmp_path, caps
     assert main(["report", str(tmp_path / "s" / "parity-suite.json"), "--out", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "parity-depth.png").is_file()
     assert main(["report", str(tmp_path / "missing.json")]) == 2
+
+
+def test_text_only_case_requests_the_whole_decoder(honest):
+    requested = honest["text_only"].requested
+    assert "decoder.norm" in requested and requested[-1] == "logits"
+    assert "load_suite" in parity.check.__all__
+
+
+# -- run_check around a faked pytest run ------------------------------------------------------------------------------
+
+
+def _suite_doc(results) -> str:
+    return json.dumps({"results": {name: json.loads(r.to_json()) for name, r in results.items()}})
+
+
+def _fake_pytest(monkeypatch, results=None, rc=0):
+    """Replace the pytest subprocess: record the call, write ``results`` as the plugin would, exit ``rc``."""
+    calls = []
+
+    def call(cmd, cwd=None):
+        calls.append(cmd)
+        out = cmd[cmd.index("--parity-report") + 1]
+        if results is not None:
+            (Path(out) / "parity-suite.json").write_text(_suite_doc(results))
+        return rc
+
+    monkeypatch.setattr(subprocess, "call", call)
+    return calls
+
+
+def test_update_baseline_refuses_a_failed_pytest_run(honest, monkeypatch, tmp_path):
+    thresholds = tmp_path / "thresholds.json"
+    thresholds.write_text(json.dumps(load_thresholds()))
+    before = thresholds.read_text()
+    _fake_pytest(monkeypatch, honest, rc=1)
+    assert run_check(tmp_path / "out", workers="0", thresholds=thresholds, update_baseline=True) == 1
+    assert thresholds.read_text() == before
+    _fake_pytest(monkeypatch, honest, rc=0)
+    assert run_check(tmp_path / "out", workers="0", thresholds=thresholds, update_baseline=True) == 0
+    assert load_thresholds(thresholds)["groups"]["tiny/float32"]
+
+
+def test_run_check_never_judges_a_previous_runs_results(honest, monkeypatch, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "parity-suite.json").write_text(_suite_doc(honest))  # a stale, passing report
+    assert set(load_suite(out / "parity-suite.json")) == set(honest)
+    _fake_pytest(monkeypatch, results=None, rc=0)  # this run records nothing
+    assert run_check(out, workers="0") == 1
+    assert "recorded no parity results" in capsys.readouterr().err
+    assert not (out / "parity-suite.json").exists()
+
+
+def test_check_validates_thresholds_before_running_the_suite(monkeypatch, tmp_path, capsys):
+    calls = _fake_pytest(monkeypatch)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["check", "--out", str(tmp_path / "o"), "--thresholds", str(bad)]) == 2
+    assert main(["check", "--out", str(tmp_path / "o"), "--thresholds", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert "not valid JSON" in err and "not found" in err
+    assert calls == []

@@ -246,3 +246,57 @@ def test_text_only_inputs_run_the_decoder_with_the_adapter_off(pair, inputs):
     assert pair.hf.model.language_model.layers[0].self_attn.q_proj.disable_adapters is False
     with pytest.raises(ValueError, match="need audio"):
         run_parity(pair, text, "encoder.blocks.0")
+
+
+def test_one_transform_implementation():
+    """attribution and generation use compare's transform and worst-call rule, so they cannot disagree."""
+    import parity.attribution
+    import parity.compare
+    import parity.generation
+
+    assert parity.attribution.apply_transform is parity.compare.apply_transform
+    assert parity.generation.apply_transform is parity.compare.apply_transform
+    assert parity.attribution.worst_diff is parity.compare.worst_diff
+    assert not hasattr(parity.attribution, "_worst") and not hasattr(parity.compare, "_Stack")
+
+
+def test_apply_transform_logits_scaling():
+    from types import SimpleNamespace
+
+    from parity.compare import apply_transform
+
+    config = SimpleNamespace(decoder=SimpleNamespace(logits_scaling=3.0))
+    x = torch.tensor([[1.0, -0.5, 1 / 3]], dtype=torch.bfloat16)
+    out = apply_transform("logits_scaling", x, config)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, (x.double() * 3.0).to(torch.bfloat16))  # one rounding, from float64
+    assert apply_transform(None, x, config) is x
+    with pytest.raises(ValueError, match="unknown transform"):
+        apply_transform("nope", x, config)
+
+
+def test_captures_are_exited_when_one_fails_to_enter():
+    from parity.compare import _entered
+
+    log = []
+
+    class Manager:
+        def __init__(self, name, fail=False):
+            self.name, self.fail = name, fail
+
+        def __enter__(self):
+            if self.fail:
+                raise RuntimeError("cannot hook")
+            log.append(("enter", self.name))
+
+        def __exit__(self, *exc):
+            log.append(("exit", self.name))
+
+    with pytest.raises(RuntimeError):
+        with _entered([Manager("a"), Manager("b"), Manager("c", fail=True)]):
+            pass
+    assert log == [("enter", "a"), ("enter", "b"), ("exit", "b"), ("exit", "a")]
+    log.clear()
+    with _entered([Manager("a"), Manager("b")]):
+        log.append("body")
+    assert log == [("enter", "a"), ("enter", "b"), "body", ("exit", "b"), ("exit", "a")]

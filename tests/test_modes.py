@@ -139,10 +139,16 @@ def test_compile_report(capsys):
 def test_generate_subcommand(capsys, tmp_path):
     code = main(["generate", "--variant", "tiny", "--max-new-tokens", "4", "--json", str(tmp_path / "g.json")])
     out = capsys.readouterr().out
-    assert code in (0, 1), out
+    assert code == 0, out
     assert out.startswith("parity generate: variant tiny")
     assert (tmp_path / "g.json").is_file()
     assert main(["generate", "--max-new-tokens", "0"]) == 2
+
+
+def test_generate_json_folder_is_one_line_error(capsys, tmp_path):
+    assert main(["generate", "--variant", "tiny", "--max-new-tokens", "1", "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--json" in err and "folder" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_diff_attribute(capsys, tmp_path):

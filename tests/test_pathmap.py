@@ -141,3 +141,16 @@ def test_unrelated_name_lists_top_level_names(config):
     with pytest.raises(UnknownLayerError) as info:
         resolve("zzz", config)
     assert set(info.value.suggestions) == {"encoder", "projector", "decoder", "logits"}
+
+
+def test_resolve_decoder_covers_the_whole_decoder_section(config):
+    """``--layer decoder`` must judge everything the decoder section runs, the final norm and logits included."""
+    names = [p.name for p in resolve("decoder", config)]
+    section = [p.name for p in expand(config) if p.section == "decoder"]
+    assert names == section
+    assert names[-2:] == ["decoder.norm", "logits"] and names[0] == "decoder.merged_embeddings"
+    assert [p.name for p in resolve("decoder.layers", config)][-1] == f"decoder.layers.{config.decoder.nlayers - 1}"
+
+
+def test_suggest_is_public():
+    assert "suggest" in pathmap.__all__
