@@ -10,20 +10,9 @@ import torch
 
 from parity.attribution import AttributionResult, attributable, attribute, kind_of, noise_floor
 from parity.metrics import Tolerance, default_tolerance
-from parity.pair import build_inputs, build_pair
 from parity.pathmap import UnknownLayerError
 
 BUDGET = default_tolerance(torch.float32).max_rel_l2
-
-
-@pytest.fixture(scope="module")
-def pair():
-    return build_pair("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def inputs(pair):
-    return build_inputs(pair)
 
 
 @pytest.fixture(scope="module")

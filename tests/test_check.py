@@ -18,13 +18,8 @@ import parity.check
 from parity.check import evaluate, layer_group, load_suite, load_thresholds, run_cases, run_check, write_check_report
 from parity.cli import main
 from parity.metrics import default_tolerance
-from parity.pair import build_pair, parse_dtype
+from parity.pair import parse_dtype
 from parity.report import write_report, write_suite_report
-
-
-@pytest.fixture(scope="module")
-def pair():
-    return build_pair("tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,6 @@ from parity.report import render_markdown, write_report
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return build_pair("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def inputs(pair):
-    return build_inputs(pair)
-
-
-@pytest.fixture(scope="module")
 def full(pair, inputs):
     """Every layer of the model, encoder to logits."""
     return run_parity(pair, inputs)

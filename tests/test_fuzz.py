@@ -13,14 +13,9 @@ from fms_granite_speech.config import get_config
 from fms_granite_speech.features import load_wav, shipped_audio
 from parity.fuzz import (MIN_SAMPLES, AudioClip, audio_batches, check_parity, edge_frame_counts, encoder_frames,
                          fuzz_settings, make_waveform, samples_for_frames)
-from parity.pair import build_inputs, build_pair
+from parity.pair import build_inputs
 
 TINY = get_config("tiny")
-
-
-@pytest.fixture(scope="module")
-def pair():
-    return build_pair("tiny", seed=0)
 
 
 def test_edges_come_from_the_config():
