@@ -10,15 +10,14 @@ from torch._dynamo.utils import counters
 
 from fms_granite_speech.compile import compile_model, compile_modules, explain_graph_breaks, is_compiled, uncompile
 from parity.capture import Capture
-from parity.pair import build_inputs, build_pair
 
 pytestmark = pytest.mark.compile
 
 
 @pytest.fixture(scope="module")
-def pair_inputs():
-    pair = build_pair("tiny")
-    return pair, build_inputs(pair)
+def pair_inputs(pair, inputs):
+    """The shared tiny pair and its default inputs (tests/conftest.py), as one fixture."""
+    return pair, inputs
 
 
 def test_bad_arguments_raise_clear_errors(pair_inputs):

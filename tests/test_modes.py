@@ -16,13 +16,12 @@ from parity.capture import Capture
 from parity.cli import main
 from parity.compare import ParityResult, recheck, run_parity
 from parity.metrics import Tolerance
-from parity.pair import build_inputs, build_pair
 
 
 @pytest.fixture(scope="module")
-def pair_inputs():
-    pair = build_pair("tiny")
-    return pair, build_inputs(pair)
+def pair_inputs(pair, inputs):
+    """The shared tiny pair and its default inputs (tests/conftest.py), as one fixture."""
+    return pair, inputs
 
 
 def test_bad_mode_and_backend_raise(pair_inputs):
