@@ -243,7 +243,7 @@ def measure_engine(name: str, mode: str, engine, clip_s: float, device: torch.de
 
 def compile_hf(hf, backend: str = "inductor") -> None:
     """``torch.compile`` HF's encoder, projector and language model in place (``nn.Module.compile``), as in the
-    reference anchors (REFERENCE.md section 4)."""
+    reference anchors (BENCHMARKS.md)."""
     for module in (hf.model.encoder, hf.model.projector, hf.model.language_model):
         module.compile(backend=backend)
 

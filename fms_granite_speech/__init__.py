@@ -2,7 +2,13 @@
 
 Importing the package registers the model with FMS (``fms.models.get_model("granite_speech", variant,
 model_path=DIR, source="hf")``, and ``get_model("hf_pretrained", model_path=DIR)`` for transformers folders whose
-config names ``GraniteSpeechForConditionalGeneration``). ``load_checkpoint(DIR)`` is the strict loader.
+config names ``GraniteSpeechForConditionalGeneration``). ``get_model`` here is FMS's with the checkpoint folder
+checked first; ``load_checkpoint(DIR)`` is the strict loader.
+
+Modules: ``config`` (typed configs, named variants), ``conformer`` (encoder), ``projector`` (Q-Former), ``lora``
+(the audio adapter), ``model`` (the model), ``registration`` (FMS registries, HF adapter steps), ``folder`` and
+``checkpoint`` (loading HF folders), ``features`` / ``processor`` (audio and prompts), ``generation`` (FMS generate),
+``compile`` (torch.compile), ``testing`` (seeded reference models for tests).
 """
 
 from fms_granite_speech.config import (
@@ -13,8 +19,9 @@ from fms_granite_speech.config import (
     VARIANTS,
     get_config,
 )
-from fms_granite_speech.model import GraniteSpeech  # noqa: E402  (registers "granite_speech" with FMS)
-from fms_granite_speech.checkpoint import load_checkpoint, read_lora_config  # noqa: E402
+from fms_granite_speech.model import GraniteSpeech
+from fms_granite_speech.registration import get_model  # registers "granite_speech" with FMS
+from fms_granite_speech.checkpoint import load_checkpoint, read_lora_config
 
 __all__ = [
     "EncoderConfig",
@@ -24,6 +31,7 @@ __all__ = [
     "ProjectorConfig",
     "VARIANTS",
     "get_config",
+    "get_model",
     "load_checkpoint",
     "read_lora_config",
 ]

@@ -1,14 +1,18 @@
-"""torch.compile for Granite Speech: the encoder, projector and decoder forwards, each compiled on its own.
+"""torch.compile for Granite Speech: the whole forward as one graph, or the encoder, projector and decoder apart.
 
-``compile_model(model)`` replaces ``forward`` of ``model.encoder``, ``model.projector`` and ``model.decoder`` (FMS)
-with a compiled one, in place, keeping every module object and path (``encoder.blocks.8`` stays reachable, so
-parity hooks and state dicts see the same names). ``embed_inputs``' audio merge (a data-dependent count of
-``<|audio|>`` tokens) stays eager between the compiled pieces. ``compile_modules`` does the same for any modules,
-e.g. the HF reference's ``model.encoder`` / ``model.projector`` / ``model.language_model``.
+``compile_model(model, whole=True)`` compiles the model's whole forward (audio encoder, projector, the audio merge and
+the decoder) with ``fullgraph=True``: one graph, no break. The merge uses static shapes
+(``GraniteSpeech.merge_audio_embeddings``), and the input checks that need host values (``GraniteSpeech.check_inputs``:
+id range, ``<|audio|>`` count against the mask) run eagerly before the compiled call, never inside it; a plain
+``torch.compile(model, fullgraph=True, dynamic=True)`` compiles the same graph and skips those checks while tracing.
+``compile_model(model)`` (the default, ``whole=False``) replaces ``forward`` of ``model.encoder``, ``model.projector``
+and ``model.decoder`` (FMS) with a compiled one instead, keeping every module object and path (``encoder.blocks.8``
+stays reachable, so parity hooks and state dicts see the same names). ``compile_modules`` does the same for any
+modules, e.g. the HF reference's ``model.encoder`` / ``model.projector`` / ``model.language_model``.
 
 Dynamic time: before each call the time axis (dim 1) of every tensor argument with at least two dimensions is
 marked dynamic (``torch._dynamo.maybe_mark_dynamic``): encoder features [B, T, 160], projector frames [B, T, H],
-decoder embeddings [B, L, D]. A clip of a new length then reuses the graph compiled for the first one instead of
+decoder embeddings [B, L, D]; for the whole forward token ids [B, L], features [B, T, 160] and mask [B, N]. A clip of a new length then reuses the graph compiled for the first one instead of
 recompiling. Documented exceptions: lengths of 1 (dynamo specialises sizes 0 and 1) compile their own graph, and
 dynamo guards the batch stride (``stride(0) == T * 160``), so a slice of a longer tensor (``feats[:, :150]``, whose
 stride is that of the long tensor) recompiles once; features fresh from the extractor do not.
@@ -19,7 +23,7 @@ hook dictionaries, so a hook added after the first call would silently never run
 running; every compiled call here runs with ``skip_nnmodule_hook_guards=False``, so adding or removing hooks
 recompiles (one extra graph per hooked state) instead of reusing a stale graph.
 
-``explain_graph_breaks(model, inputs)`` runs ``torch._dynamo.explain`` on each piece separately.
+``explain_graph_breaks(model, inputs)`` runs ``torch._dynamo.explain`` on the whole forward and on each piece.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-__all__ = ["CompiledForward", "GraphReport", "PIECES", "compile_model", "compile_modules", "explain_graph_breaks",
-           "is_compiled"]
+__all__ = ["CompiledForward", "GraphReport", "PIECES", "WHOLE", "compile_model", "compile_modules",
+           "explain_graph_breaks", "is_compiled", "uncompile"]
 
 PIECES = ("encoder", "projector", "decoder")
+WHOLE = "forward"  # the name reports give the whole-model forward
 BACKENDS = ("inductor", "aot_eager", "eager")
 
 
@@ -51,12 +56,16 @@ class CompiledForward:
         dynamic_time: whether dim 1 of tensor arguments is marked dynamic before each call.
     """
 
-    def __init__(self, original: Callable, compiled: Callable, dynamic_time: bool):
+    def __init__(self, original: Callable, compiled: Callable, dynamic_time: bool,
+                 check: Optional[Callable] = None):
         self.original = original
         self.compiled = compiled
         self.dynamic_time = dynamic_time
+        self.check = check
 
     def __call__(self, *args, **kwargs):
+        if self.check is not None:
+            self.check(*args, **kwargs)
         if self.dynamic_time:
             for v in (*args, *kwargs.values()):
                 _mark_time_dynamic(v)
@@ -77,7 +86,7 @@ def _check_backend(backend: str, mode: Optional[str]) -> None:
 
 
 def compile_modules(modules: Iterable[nn.Module], *, dynamic_audio: bool = True, mode: Optional[str] = None,
-                    backend: str = "inductor") -> list[nn.Module]:
+                    backend: str = "inductor", fullgraph: bool = False) -> list[nn.Module]:
     """Compile the ``forward`` of each module in place (see the module docstring); returns the modules.
 
     Compilation is lazy (on the first call). A module already compiled is left as is.
@@ -87,6 +96,7 @@ def compile_modules(modules: Iterable[nn.Module], *, dynamic_audio: bool = True,
         dynamic_audio: mark dim 1 (time / tokens) of tensor arguments dynamic before each call.
         mode: ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``...), inductor only.
         backend: ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"`` (the last two: tracing without codegen).
+        fullgraph: ``torch.compile``'s ``fullgraph`` (a graph break raises instead of splitting the graph).
 
     Raises:
         TypeError: an element is not an ``nn.Module``.
@@ -101,7 +111,7 @@ def compile_modules(modules: Iterable[nn.Module], *, dynamic_audio: bool = True,
         if is_compiled(m):
             continue
         original = m.forward
-        compiled = torch.compile(original, backend=backend, mode=mode, dynamic=None)
+        compiled = torch.compile(original, backend=backend, mode=mode, dynamic=None, fullgraph=fullgraph)
         m.forward = CompiledForward(original, compiled, dynamic_audio)
     return modules
 
@@ -113,14 +123,17 @@ def uncompile(modules: Iterable[nn.Module]) -> None:
             del m.forward
 
 
-def compile_model(model: nn.Module, *, dynamic_audio: bool = True, mode: Optional[str] = None,
+def compile_model(model: nn.Module, *, whole: bool = False, dynamic_audio: bool = True, mode: Optional[str] = None,
                   backend: str = "inductor") -> nn.Module:
-    """Compile the encoder, projector and decoder forwards of an FMS ``GraniteSpeech`` in place; returns ``model``.
+    """Compile an FMS ``GraniteSpeech`` in place, whole or by pieces; returns ``model``.
 
     Args:
         model: ``fms_granite_speech.model.GraniteSpeech`` (anything with ``encoder``, ``projector``, ``decoder``).
-        dynamic_audio: mark the time axis dynamic (features [B, T, 160], frames [B, T, H], embeddings [B, L, D]),
-            so clips of new lengths reuse the first graph (lengths of 1 excepted).
+        whole: compile the whole forward as one graph (``fullgraph=True``), with ``model.check_inputs`` run eagerly
+            before each call; False compiles the encoder, projector and decoder forwards apart.
+        dynamic_audio: mark the time axis dynamic (features [B, T, 160], frames [B, T, H], embeddings [B, L, D];
+            for the whole forward ids [B, L] and the mask [B, N] too), so clips of new lengths reuse the first graph
+            (lengths of 1 excepted).
         mode / backend: as for ``compile_modules``.
 
     Raises:
@@ -131,7 +144,22 @@ def compile_model(model: nn.Module, *, dynamic_audio: bool = True, mode: Optiona
     if missing:
         raise TypeError(f"compile_model needs a GraniteSpeech model with {', '.join(PIECES)} submodules; "
                         f"{type(model).__name__} has no {', '.join(missing)}")
-    compile_modules([getattr(model, p) for p in PIECES], dynamic_audio=dynamic_audio, mode=mode, backend=backend)
+    if not whole:
+        compile_modules([getattr(model, p) for p in PIECES], dynamic_audio=dynamic_audio, mode=mode, backend=backend)
+        return model
+    _check_backend(backend, mode)
+    if is_compiled(model):
+        return model
+    check = getattr(model, "check_inputs", None)
+
+    def check_call(x, input_features=None, input_features_mask=None, position_ids=None, past_key_value_states=None,
+                   *args, **kwargs):
+        if check is not None and isinstance(x, torch.Tensor) and not x.is_floating_point():
+            check(x, input_features, input_features_mask, past_key_value_states, position_ids)
+
+    original = model.forward
+    compiled = torch.compile(original, backend=backend, mode=mode, dynamic=None, fullgraph=True)
+    model.forward = CompiledForward(original, compiled, dynamic_audio, check=check_call)
     return model
 
 
@@ -143,7 +171,7 @@ class GraphReport:
     """``torch._dynamo.explain`` of one piece.
 
     Attributes:
-        piece: ``encoder``, ``projector`` or ``decoder``.
+        piece: ``forward`` (the whole model), ``encoder``, ``projector`` or ``decoder``.
         graph_count: graphs dynamo produced (1 with no break).
         graph_break_count: number of graph breaks.
         reasons: one line per break: the reason and the user frame where it happened.
@@ -177,8 +205,9 @@ def _eager_forward(module: nn.Module) -> Callable:
 
 
 def explain_graph_breaks(model: nn.Module, inputs) -> list[GraphReport]:
-    """Graph count, break count and break reasons of the encoder, projector and decoder forwards, each explained
-    on its own with ``torch._dynamo.explain`` (on the eager forwards; a compiled model is explained too).
+    """Graph count, break count and break reasons of the whole forward and of the encoder, projector and decoder
+    forwards, each explained on its own with ``torch._dynamo.explain`` (on the eager forwards; a compiled model is
+    explained too).
 
     Args:
         model: an FMS ``GraniteSpeech``.
@@ -186,8 +215,9 @@ def explain_graph_breaks(model: nn.Module, inputs) -> list[GraphReport]:
             ``input_features_mask`` [B, N] bool (a ``parity.pair.ParityInputs``).
 
     Returns:
-        ``[encoder, projector, decoder]`` reports. The decoder is explained on the merged embeddings of ``inputs``
-        (``embed_inputs``, eager), the way ``forward`` calls it (no KV cache).
+        ``[forward, encoder, projector, decoder]`` reports. The whole forward is explained on ``inputs`` (ids,
+        features, mask); the decoder on the merged embeddings of ``inputs`` (``embed_inputs``, eager), the way
+        ``forward`` calls it (no KV cache).
 
     Raises:
         TypeError: ``inputs`` has no ``input_features`` (the pieces need audio) or ``model`` lacks a piece.
@@ -204,9 +234,11 @@ def explain_graph_breaks(model: nn.Module, inputs) -> list[GraphReport]:
         feats = feats.to(model.encoder.input_linear.weight.dtype)
         enc = model.encoder(feats)
         embeds = model.embed_inputs(inputs.input_ids, feats, inputs.input_features_mask)
-        for piece, args in (("encoder", (feats,)), ("projector", (enc,)), ("decoder", (embeds,))):
+        whole = (inputs.input_ids, feats, inputs.input_features_mask)
+        for piece, args in (("forward", whole), ("encoder", (feats,)), ("projector", (enc,)), ("decoder", (embeds,))):
             torch._dynamo.reset()
-            out = torch._dynamo.explain(_eager_forward(getattr(model, piece)))(*args)
+            module = model if piece == WHOLE else getattr(model, piece)
+            out = torch._dynamo.explain(_eager_forward(module))(*args)
             reports.append(GraphReport(piece, out.graph_count, out.graph_break_count, out.op_count,
                                        [_reason(b) for b in out.break_reasons]))
         torch._dynamo.reset()

@@ -7,14 +7,18 @@ Three named variants:
   meets (``num_heads * dim_head != hidden_dim``, ``output_dim`` odd, distinct projector and decoder widths), so a
   transposed or mis-split weight cannot pass a parity test by accident, and ``context_size`` (32 encoder frames,
   0.64 s) is shorter than any shipped clip, so blocked attention and its padding are always exercised.
-* ``3.3-2b`` and ``3.3-8b``: the architecture of ``ibm-granite/granite-speech-3.3-{2b,8b}`` (sizes from
-  ../shared/REFERENCE.md, section 1).
+* ``3.3-2b`` and ``3.3-8b``: the architecture of ``ibm-granite/granite-speech-3.3-{2b,8b}`` (the sizes of the
+  ``config.json`` published with those checkpoints on the Hugging Face Hub; transformers' ``GraniteSpeechConfig``
+  defaults are the encoder and projector of both).
 
 A config converts to and from transformers' ``GraniteSpeechConfig`` (``to_hf`` / ``from_hf``); the decoder part is
 FMS's own ``GraniteConfig`` so the decoder is ``fms.models.granite.Granite`` unchanged.
-"""
 
-from __future__ import annotations
+The configs follow FMS's ``ModelConfig`` contract (``save`` / ``load`` / ``as_dict`` / ``updated``): annotations are real
+classes (no ``from __future__ import annotations``, whose string annotations FMS's loader cannot resolve), and a
+nested config given as a dict (from JSON, ``as_dict()`` or ``updated(decoder={...})``) is turned back into its
+dataclass, so every way of building a config runs the same validation.
+"""
 
 import copy
 import dataclasses
@@ -95,6 +99,8 @@ class LoRAConfig(ModelConfig):
     target_modules: tuple = ("q_proj", "v_proj")
 
     def __post_init__(self):
+        if isinstance(self.target_modules, list):  # JSON has no tuples
+            self.target_modules = tuple(self.target_modules)
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoRA rank must be a positive int, got {self.rank!r}")
         if not self.alpha > 0:
@@ -113,6 +119,13 @@ class GraniteSpeechConfig(ModelConfig):
     """Whole model: encoder -> projector -> FMS Granite decoder, audio merged at ``audio_token_index`` positions.
 
     ``lora`` is None for a checkpoint without an adapter. ``decoder`` is an ``fms.models.granite.GraniteConfig``.
+    ``fused_weights`` (as in FMS's ``LlavaNextConfig``): False builds the decoder with FMS's unfused q/k/v and
+    gate/up weights (``get_model(..., fused_weights=False)``); the model sets ``decoder.fused_weights`` from it.
+
+    Raises:
+        ValueError: the projector's ``encoder_hidden_size`` is not the encoder width, or ``audio_token_index`` is
+            outside the decoder vocabulary.
+        TypeError: a sub-config that is neither its dataclass nor a dict of its fields.
     """
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -120,8 +133,17 @@ class GraniteSpeechConfig(ModelConfig):
     decoder: GraniteConfig = field(default_factory=GraniteConfig)
     lora: Optional[LoRAConfig] = field(default_factory=LoRAConfig)
     audio_token_index: int = 49159
+    fused_weights: bool = True
 
     def __post_init__(self):
+        for name, cls in (("encoder", EncoderConfig), ("projector", ProjectorConfig), ("decoder", GraniteConfig),
+                          ("lora", LoRAConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls(**value))
+            elif not isinstance(value, cls) and not (name == "lora" and value is None):
+                raise TypeError(f"GraniteSpeechConfig.{name} must be a {cls.__name__} or a dict of its fields, got "
+                                f"{type(value).__name__}")
         if self.projector.encoder_hidden_size != self.encoder.hidden_dim:
             raise ValueError(
                 f"projector.encoder_hidden_size={self.projector.encoder_hidden_size} must equal "
@@ -273,6 +295,27 @@ class GraniteSpeechConfig(ModelConfig):
     def replace(self, **changes) -> "GraniteSpeechConfig":
         """A copy with top-level fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
+
+    def updated(self, **kwargs) -> "GraniteSpeechConfig":
+        """FMS's ``ModelConfig.updated`` (a deep copy with fields replaced; a dict updates a nested config's fields,
+        ``lora={"alpha": 16.0}``), then the same validation as construction.
+
+        Raises:
+            TypeError: a field this config does not have (FMS only logs those; a typo here would be silent).
+            ValueError: the result is not a valid config.
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown Granite Speech config fields {unknown}; valid: {', '.join(sorted(names))}")
+        if isinstance(kwargs.get("lora"), dict) and self.lora is None:
+            kwargs = {**kwargs, "lora": LoRAConfig(**kwargs["lora"])}
+        new = super().updated(**kwargs)
+        for sub in (new.encoder, new.projector, new.lora):
+            if sub is not None:
+                sub.__post_init__()
+        new.__post_init__()
+        return new
 
 
 def _decoder_ffn_dim(d: GraniteConfig) -> int:

@@ -1,7 +1,7 @@
 """Audio -> log-mel features for the Granite Speech encoder, bit-for-bit equal to the HF extractor.
 
-The math follows ``transformers.models.granite_speech.feature_extraction_granite_speech`` (transformers 5.17) and
-../shared/REFERENCE.md ("Feature extractor"):
+The math follows ``transformers.models.granite_speech.feature_extraction_granite_speech`` (transformers 5.17,
+``GraniteSpeechFeatureExtractor._extract_mel_spectrograms`` and ``_get_num_audio_features``):
 
 1. zero-pad the batch of float32 waveforms to the longest clip;
 2. ``torchaudio.transforms.MelSpectrogram(16000, n_fft=512, win_length=400, hop_length=160, n_mels=80)``

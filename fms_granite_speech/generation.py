@@ -3,11 +3,12 @@
 ``transcribe_ids`` is the token-level entry point (ids in, ids out), ``transcribe`` the user-level one (audio in,
 text out). What they add to FMS's generic ``generate``:
 
-* **Audio encoded once.** ``input_features`` / ``input_features_mask`` are handed to the model only on the prefill
-  step, through ``generate``'s ``prepare_model_inputs_hook``; later steps feed one token against the KV cache.
-* **The audio LoRA adapter.** HF's ``GraniteSpeechForConditionalGeneration.generate`` (transformers 5.17) enables
-  the peft adapter when ``input_features`` is given and disables it otherwise; here the same rule is applied with
-  ``model.set_adapter`` and the caller's previous adapter state is restored afterwards.
+* **One way to generate.** FMS's ``generate`` with the model's own hook,
+  ``prepare_model_inputs_hook=model.prepare_inputs_for_generation``, and the audio in ``extra_kwargs``: the hook lets
+  the prefill step encode and merge the audio of every batch item and drops it afterwards (later steps feed one
+  token against the KV cache, so the encoder runs once), and sets the LoRA adapter as HF's
+  ``GraniteSpeechForConditionalGeneration.generate`` (transformers 5.17) does: on when ``input_features`` is given,
+  off otherwise. The caller's previous adapter state is restored afterwards.
 * **Padded batches.** Rows are re-packed left-aligned with ``fms.utils.generation.pad_input_ids``, which gives the
   FMS mask (pad keys hidden from real queries, causal) and position ids (0 for pads, 0.. for real tokens, what HF
   derives from ``attention_mask`` as ``cumsum - 1``); ``generate`` extends both one step at a time.
@@ -215,17 +216,10 @@ def transcribe_ids(
     ids, padding = _left_pack(input_ids.to(device), attention_mask, pad_token_id)
     batch, prompt_len = ids.shape
 
-    # -- hooks -------------------------------------------------------------------------------------------------------
-    def prepare(iteration: int, step_ids: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, dict]:
-        if iteration == 0:
-            kwargs = dict(kwargs)
-            if input_features is not None:
-                kwargs["input_features"] = input_features
-                kwargs["input_features_mask"] = input_features_mask
-        else:  # the cache holds the merged prompt: never encode the audio again
-            kwargs.pop("input_features", None)
-            kwargs.pop("input_features_mask", None)
-        return step_ids, kwargs
+    prepare = getattr(model, "prepare_inputs_for_generation", None)
+    if not callable(prepare):
+        raise TypeError(f"{type(model).__name__} has no prepare_inputs_for_generation(iteration, input_ids, kwargs); "
+                        "give a GraniteSpeech model")
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     produced: list[torch.Tensor] = []
@@ -244,14 +238,16 @@ def transcribe_ids(
         return tokens[:, None], kwargs
 
     # -- run ---------------------------------------------------------------------------------------------------------
+    # the model's own hook merges the audio on the prefill step and sets the adapter as HF's generate does (on with
+    # audio, off for text-only); the caller's adapter state is restored afterwards
     toggle = bool(getattr(model, "has_adapter", False)) and callable(getattr(model, "set_adapter", None))
     previous = bool(model.adapter_enabled) if toggle else None
+    audio = {} if input_features is None else {"input_features": input_features,
+                                                "input_features_mask": input_features_mask}
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None)
     with rng, torch.no_grad():
         if seed is not None:
             torch.manual_seed(seed)
-        if toggle:
-            model.set_adapter(input_features is not None)
         try:
             generate(
                 model,
@@ -265,7 +261,8 @@ def transcribe_ids(
                 eos_token_id=None,  # see the module docstring: EOS is handled in after_step
                 prepare_model_inputs_hook=prepare,
                 post_iteration_hook=after_step,
-                extra_kwargs={**padding, "last_n_tokens": 1},  # prefill: the head runs on the last position only
+                # prefill: the head runs on the last position only; the audio is dropped by the hook after step 0
+                extra_kwargs={**padding, **audio, "last_n_tokens": 1},
             )
         except _AllRowsFinished:
             pass

@@ -166,7 +166,7 @@ def write_hf_checkpoint(hf_model: nn.Module, directory, *, max_shard_size=None):
 
     The base model is saved with ``save_pretrained`` from an adapter-free copy (same config, the base weights with
     peft's ``.base_layer`` wrapping undone): ``save_pretrained`` on a model with a peft adapter attached writes
-    peft-wrapped base names that transformers cannot reload (../shared/REFERENCE.md section 1). The adapter, when
+    peft-wrapped base names (``q_proj.base_layer.weight``) that transformers then fails to reload. The adapter, when
     ``hf_model`` has one, is written in peft format as transformers' adapter path of ``save_pretrained`` writes it:
     ``adapter_config.json`` (``base_model_name_or_path`` = this folder, as ``GraniteSpeechForConditionalGeneration
     .save_pretrained`` sets it) and ``adapter_model.safetensors`` with keys ``base_model.model.<name>``.

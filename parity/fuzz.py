@@ -2,7 +2,7 @@
 
 Lengths are drawn in samples (16 kHz) around the places where length-dependent code paths change behaviour, all
 derived from the config (``hop 160`` samples per mel frame, 2 mel frames per encoder frame, so one encoder frame is
-320 samples; REFERENCE section 1, feature extractor):
+320 samples; ``GraniteSpeechFeatureExtractor`` of transformers 5.17):
 
 * the projector window (``projector.window_size`` encoder frames, 15): shorter than one window, exact multiples and
   +-1 around them (the last window is zero-padded unless ``T % window == 0``);
@@ -87,7 +87,7 @@ def fuzz_settings(profile: Optional[str] = None) -> settings:
 
 
 def encoder_frames(samples: int) -> int:
-    """Encoder frames for ``samples`` of audio: ``(samples // 160 + 1) // 2`` (REFERENCE section 1)."""
+    """Encoder frames for ``samples`` of audio: ``(samples // 160 + 1) // 2`` (``features.audio_token_count``)."""
     return (samples // HOP_SAMPLES + 1) // 2
 
 

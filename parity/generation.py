@@ -14,7 +14,8 @@ margin between their top-1 and top-2 (a flip with a margin inside the logits' nu
 with logits that fail the dtype's tolerance is a real difference), and the per-step logits error.
 
 Scales, stated in every result (``notes``): FMS divides logits by ``logits_scaling``, transformers 5.x Granite Speech
-does not (../shared/REFERENCE.md section 1). Logits errors are measured on HF's scale (FMS logits multiplied by
+does not (``GraniteSpeechForConditionalGeneration.forward`` in transformers 5.17 returns ``lm_head``'s output as is).
+Logits errors are measured on HF's scale (FMS logits multiplied by
 ``logits_scaling``); log-probs and margins are those of the model's own next-token distribution,
 ``log_softmax(hf_logits / logits_scaling)`` and ``log_softmax(fms_logits)``, i.e. the distribution the released
 model was trained with (and FMS samples from).

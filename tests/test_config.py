@@ -20,7 +20,7 @@ def test_round_trip_through_hf(variant):
 
 
 def test_real_sizes_match_the_released_architecture():
-    """Figures from ../shared/REFERENCE.md, section 1 (the released 3.3 checkpoints)."""
+    """Figures of the released 3.3 checkpoints (their published config.json files)."""
     two, eight = get_config("3.3-2b"), get_config("3.3-8b")
     for cfg in (two, eight):
         e, p = cfg.encoder, cfg.projector
@@ -47,7 +47,7 @@ def test_tiny_keeps_the_real_depth_and_distinct_widths():
     frames = {}
     for name in list_shipped_audio():
         samples = soundfile.info(str(shipped_audio(name))).frames
-        frames[name] = (samples // 160 + 1) // 2  # mel frames, then pairs of them (REFERENCE.md formula)
+        frames[name] = (samples // 160 + 1) // 2  # mel frames, then pairs of them (the HF extractor's formula)
     assert all(t > 2 * e.context_size for t in frames.values())
     default = shipped_audio().name.removeprefix("speech_").removesuffix(".wav")
     assert frames[default] % e.context_size != 0
