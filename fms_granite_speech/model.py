@@ -258,7 +258,12 @@ class GraniteSpeech(nn.Module):
         HF's ``masked_scatter(is_audio, audio[input_features_mask])``, computed with static shapes (a cumulative
         count and a gather instead of boolean indexing), so it compiles into one graph whatever the clip lengths:
         the k-th ``<|audio|>`` position in row-major [B, L] order takes the k-th token the mask marks real, in
-        row-major [B_audio, N] order. The counts must agree (``check_inputs`` does that before any compiled code).
+        row-major [B_audio, N] order. The counts must agree: checked here on the real tensors in eager mode, and by
+        ``check_inputs`` before any compiled code (a compiled graph trusts them).
+
+        Raises:
+            ValueError: (eager) a mask whose shape is not the audio's [B_audio, N], or a number of ``<|audio|>``
+                positions that differs from the number of real audio tokens.
 
         Args:
             input_ids: int64 [B, L]; text_embeds: [B, L, D] (audio positions' values are replaced).
@@ -269,6 +274,8 @@ class GraniteSpeech(nn.Module):
             [B, L, D] in ``text_embeds``' dtype.
         """
         b, length, dim = text_embeds.shape
+        if not torch.compiler.is_compiling():
+            _check_merge(input_ids == self.config.audio_token_index, audio_embeds, input_features_mask)
         is_audio = (input_ids == self.config.audio_token_index).reshape(-1)  # [B*L]
         audio = audio_embeds.reshape(-1, audio_embeds.shape[-1]).to(device=text_embeds.device, dtype=text_embeds.dtype)
         count = audio.shape[0]
@@ -470,6 +477,19 @@ class GraniteSpeech(nn.Module):
             kwargs.pop("input_features", None)
             kwargs.pop("input_features_mask", None)
         return input_ids, kwargs
+
+
+def _check_merge(is_audio: torch.Tensor, audio: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    """The merge's own check on the tensors it is given (host values: eager only)."""
+    if mask is not None and tuple(mask.shape) != tuple(audio.shape[:2]):
+        raise ValueError(f"input_features_mask has shape {tuple(mask.shape)} but the audio embeddings are "
+                         f"{tuple(audio.shape[:2])} (clips, tokens per clip); the mask must come from the same feature "
+                         "extraction call as the features")
+    real = int(mask.sum()) if mask is not None else audio.shape[0] * audio.shape[1]
+    n = int(is_audio.sum())
+    if n != real:
+        raise ValueError(f"the prompt has {n} <|audio|> tokens but the audio gives {real} audio embeddings; expand "
+                         "each <|audio|> to its clip's token count with the processor")
 
 
 def _state_dict_with_base_rows(model: GraniteSpeech, state_dict, prefix: str, local_metadata) -> None:

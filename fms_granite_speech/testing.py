@@ -87,15 +87,24 @@ def build_hf_model(
     With ``lora=True`` and ``config.lora`` set, a non-zero LoRA adapter is attached through transformers' peft
     integration (``add_adapter``), exactly as ``from_pretrained`` of a real checkpoint folder attaches it, so HF's
     ``generate`` toggles it (on with audio, off for text-only) the way it does for the real model.
+
+    The model is built directly in ``dtype`` (torch's default dtype set for the construction, as ``from_pretrained``
+    with ``dtype=`` does: HF's float32 buffers such as the rotary ``inv_freq`` stay float32), never as a float32 copy
+    first, so a 3.3-2b in bf16 needs bf16 memory only; the random values are drawn one tensor at a time.
     """
     from transformers import GraniteSpeechForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = GraniteSpeechForConditionalGeneration(config.to_hf())
-    if lora and config.lora is not None:
-        add_lora_adapter(model, config.lora)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = GraniteSpeechForConditionalGeneration(config.to_hf())
+        if lora and config.lora is not None:
+            add_lora_adapter(model, config.lora)
+    finally:
+        torch.set_default_dtype(previous)
     realistic_init_(model, seed)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device).eval()
 
 
 def add_lora_adapter(model: nn.Module, lora: LoRAConfig, adapter_name: str = "default") -> nn.Module:

@@ -1,174 +1,54 @@
 """Error attribution per layer: which layer *introduces* an error, as opposed to passing on one it was handed.
 
-``run_parity`` measures the PROPAGATED error of a layer: both models run end to end, so the FMS output of
-``encoder.blocks.9`` carries whatever blocks 0..8 got wrong. One bad block makes every block after it fail, and the
-first failing layer is only the first place the drift crossed a tolerance, not necessarily its source.
+A layer's PROPAGATED error (``LayerResult.diff``) is measured with both models run end to end, so the FMS output of
+``encoder.blocks.9`` carries whatever blocks 0..8 got wrong: one bad block makes every block after it fail, and the
+first failing layer is only the first place the drift crossed a bound. Its INTRODUCED error
+(``LayerResult.introduced``) is measured by running the FMS module on the HF module's exact recorded inputs (in FMS's
+own calling convention, ``parity.runner.REPLAYS``) and comparing with the HF module's output: a correct FMS module then
+shows only its own rounding, however wrong its input was upstream. ``parity.compare.run_parity`` measures both for
+every row of the path map with a replay (``kind``), so every verdict can say where an error starts.
 
-``attribute(pair, inputs)`` also measures the INTRODUCED error of every whole-block layer: while the HF reference
-runs, each HF block's exact inputs are taken in a forward pre-hook, the FMS block is called on them (in FMS's own
-calling convention, see ``ADAPTERS``) and its output is compared with the HF block's output. A correct FMS block then
-shows only its own rounding, however wrong its input was upstream; ``first_introducing_layer`` names the first block
-whose own computation breaks the budget.
-
-``noise_floor(pair, inputs)`` measures what HF itself loses to rounding in the pair's dtype: HF in float64 vs HF in
-that dtype, per layer, so that a bf16 tolerance can be judged against the reference's own error.
-
-Attributed layers (``attributable(config)``): ``encoder.input_linear``, ``encoder.blocks.{i}``, ``encoder.out``,
-``encoder.out_mid``, ``projector.layers.{j}``, ``projector``, ``decoder.layers.{i}``, ``decoder.norm``, ``logits``.
-Sub-modules (``ff1``, ``attn``...) are left to ``run_parity``: a block is the unit attribution answers for.
+This module is the per-layer view of that: ``attribute(pair, inputs)`` runs the engine and returns an
+``AttributionResult`` (propagated vs introduced per row, the first introducing layer); ``noise_floor(pair, inputs)``
+measures what HF itself loses to rounding in the pair's dtype against a float64 run of the same weights (HF end to
+end, per row), the scale a tolerance for that dtype is judged against.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import inspect
 import json
-import math
-import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
-from torch import nn
 
-from parity.capture import Capture, first_tensor
-from parity.compare import SECTIONS, apply_transform, run_parity, run_section, set_adapters, worst_diff
-from parity.metrics import TensorDiff, Tolerance, compare_tensors, default_tolerance
-from parity.pathmap import LayerPair, expand
+from parity._json import from_json_float, json_float
+from parity.capture import Capture
+from parity.metrics import Tolerance, compare_tensors, default_tolerance
+from parity.pathmap import FLOAT64_UNITS, OUTPUT, SECTIONS, LayerPair, expand
+from parity.runner import REPLAYS, float64_units, run_section
 
-__all__ = [
-    "ADAPTERS",
-    "AttributionResult",
-    "LayerAttribution",
-    "attributable",
-    "attribute",
-    "kind_of",
-    "noise_floor",
-]
+__all__ = ["ADAPTERS", "AttributionResult", "LayerAttribution", "attributable", "attribute", "kind_of",
+           "noise_floor"]
 
-SCHEMA_VERSION = 1
-
-# parity name pattern -> adapter kind
-_KINDS: tuple[tuple[str, str], ...] = (
-    (r"encoder\.input_linear", "module"),
-    (r"encoder\.blocks\.\d+", "conformer_block"),
-    (r"encoder\.out", "module"),
-    (r"encoder\.out_mid", "module"),
-    (r"projector\.layers\.\d+", "qformer_layer"),
-    (r"projector", "projector"),
-    (r"decoder\.layers\.\d+", "decoder_layer"),
-    (r"decoder\.norm", "module"),
-    (r"logits", "logits"),
-)
+SCHEMA_VERSION = 2
+ADAPTERS = REPLAYS  # per replay kind: how the FMS module is called on HF's inputs (the names of version 1)
 
 
-def kind_of(name: str) -> Optional[str]:
-    """The adapter kind for parity name ``name`` (a key of ``ADAPTERS``), None when the layer is not attributed."""
-    return next((kind for pattern, kind in _KINDS if re.fullmatch(pattern, name)), None)
+def kind_of(name: str, config=None) -> Optional[str]:
+    """The replay kind of parity name ``name`` (a key of ``REPLAYS``), None when the row has no replay."""
+    from fms_granite_speech.config import get_config
+
+    pairs = {p.name: p for p in expand(config or get_config("tiny"))}
+    p = pairs.get(name)
+    return None if p is None else p.kind
 
 
 def attributable(config, sections: Sequence[str] = SECTIONS) -> list[LayerPair]:
     """The pairs of ``expand(config)`` whose introduced error is measured, in execution order, within ``sections``."""
-    return [p for p in expand(config) if p.section in sections and kind_of(p.name) is not None]
-
-
-# -- adapters: call the FMS module on the HF module's inputs -----------------------------------------------------------
-#
-# Each adapter has two halves: ``take(bound)`` picks (and clones) the HF inputs it needs from the HF module's bound
-# call arguments (a dict name -> value, from inspect.signature(...).bind); ``call(fms_model, fms_module, taken)`` runs
-# the FMS module on them the way its FMS parent calls it, returning the tensor to compare with the HF output.
-
-
-def _x(bound: dict) -> torch.Tensor:
-    """The HF module's first tensor argument (what ``Capture(inputs=True)`` records)."""
-    x = next((v for v in bound.values() if isinstance(v, torch.Tensor)), None)
-    if x is None:
-        raise TypeError("the HF module was called without a tensor argument")
-    return x
-
-
-def _take_x(bound: dict) -> dict:
-    return {"x": _x(bound).detach().clone()}
-
-
-def _take_qformer(bound: dict) -> dict:
-    memory = bound.get("encoder_hidden_states")
-    if not isinstance(memory, torch.Tensor):
-        raise TypeError("the HF Q-Former layer was called without encoder_hidden_states")
-    return {"x": _x(bound).detach().clone(), "memory": memory.detach().clone()}
-
-
-def _call_module(fms: nn.Module, module: nn.Module, t: dict) -> torch.Tensor:
-    # Linear layers and norms: one tensor in, one out (ConformerEncoder / GraniteHeadless call them so).
-    return module(t["x"])
-
-
-def _call_conformer_block(fms: nn.Module, module: nn.Module, t: dict) -> torch.Tensor:
-    # ConformerEncoder.forward: block(x, self.attention_dists) -- FMS's own relative-distance buffer
-    return module(t["x"], fms.encoder.attention_dists)
-
-
-def _call_qformer_layer(fms: nn.Module, module: nn.Module, t: dict) -> torch.Tensor:
-    # QFormerProjector.forward: layer(x, memory), memory = the encoder frames cut into windows [B*nb, window, He],
-    # the layout HF passes as encoder_hidden_states; queries [1 or B*nb, num_queries, H] as HF hands them on
-    return module(t["x"], t["memory"].to(fms.projector.query.dtype))
-
-
-def _call_projector(fms: nn.Module, module: nn.Module, t: dict) -> torch.Tensor:
-    return module(t["x"])
-
-
-def _call_decoder_layer(fms: nn.Module, module: nn.Module, t: dict) -> torch.Tensor:
-    # GraniteHeadless.forward without a cache: layer(x=..., position_ids=None (0..L-1), past_key_value_state=None,
-    # use_cache=False) and no attention kwargs (causal SDPA), as GraniteSpeech.forward runs it in run_parity
-    return module(x=t["x"], position_ids=None, past_key_value_state=None, use_cache=False)
-
-
-def _call_logits(fms: nn.Module, module: nn.Module, t: dict) -> torch.Tensor:
-    # Granite.forward: head(dec_norm output) / logits_scaling; then the path map's "logits_scaling" transform, the
-    # same function run_parity applies to the FMS logits
-    preds = fms.decoder.head(t["x"]) / float(fms.config.decoder.logits_scaling)
-    return apply_transform("logits_scaling", preds, fms.config)
-
-
-@dataclass(frozen=True)
-class _Adapter:
-    take: Callable[[dict], dict]
-    call: Callable[[nn.Module, nn.Module, dict], torch.Tensor]
-    how: str
-
-
-ADAPTERS: dict[str, _Adapter] = {
-    "module": _Adapter(_take_x, _call_module, "fms(x), x = the HF module's input"),
-    "conformer_block": _Adapter(_take_x, _call_conformer_block,
-                                "fms_block(x, fms.encoder.attention_dists), x = the HF block's hidden_states"),
-    "qformer_layer": _Adapter(_take_qformer, _call_qformer_layer,
-                              "fms_layer(x, memory), x / memory = the HF layer's hidden_states / "
-                              "encoder_hidden_states"),
-    "projector": _Adapter(_take_x, _call_projector, "fms.projector(x), x = the HF encoder output"),
-    "decoder_layer": _Adapter(_take_x, _call_decoder_layer,
-                              "fms_layer(x=x, position_ids=None, past_key_value_state=None, use_cache=False), "
-                              "x = the HF layer's hidden_states"),
-    "logits": _Adapter(_take_x, _call_logits,
-                       "fms.decoder.head(x) / logits_scaling, then the logits_scaling transform; x = lm_head's input"),
-}
-
-
-# -- result -----------------------------------------------------------------------------------------------------------
-
-
-def _jf(x: Optional[float]) -> Any:
-    """A float for strict JSON: nan/inf as strings."""
-    if x is None or math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
-def _fj(x: Any) -> Optional[float]:
-    return None if x is None else float(x)
+    return [p for p in expand(config) if p.section in sections and p.kind is not None]
 
 
 _FLOATS = ("propagated_rel_l2", "introduced_rel_l2", "introduced_max_abs", "budget", "noise_floor_rel_l2")
@@ -176,20 +56,17 @@ _FLOATS = ("propagated_rel_l2", "introduced_rel_l2", "introduced_max_abs", "budg
 
 @dataclass
 class LayerAttribution:
-    """Propagated vs introduced error of one whole-block layer.
+    """Propagated vs introduced error of one row.
 
     Attributes:
-        name, hf, fms: parity name and the two module paths; ``kind``: the ``ADAPTERS`` entry used.
-        propagated_rel_l2: rel-L2 of the FMS output vs HF's with both models run end to end (``run_parity``'s
-            statistic, worst call); None when ``run_parity`` produced no diff for it.
-        propagated_passed: ``run_parity``'s verdict on it.
+        name, hf, fms: parity name and the two module paths; ``kind``: the replay used.
+        propagated_rel_l2 / propagated_passed: the end-to-end comparison (``LayerResult.diff``), None if none.
         introduced_rel_l2, introduced_max_abs: the FMS module run on HF's exact inputs vs the HF output (worst call).
-        introduced_passed: ``metrics.compare_tensors``' verdict on that comparison under the tolerance.
-        budget: the rel-L2 bound applied (``Tolerance.max_rel_l2``); ``over_budget`` is True when the introduced
-            comparison fails (rel-L2 above ``budget`` and not element-wise close, NaN, ...) or could not be made.
-        noise_floor_rel_l2: HF in the pair's dtype vs HF in float64 at this layer (``noise_floor``); None if not run.
-        reason: why the introduced comparison failed; error: why it could not be made.
-        calls: how many times the HF module ran.
+        introduced_passed: the introduced comparison's verdict under its bound.
+        budget: that bound (``Tolerance.max_rel_l2``); ``over_budget``: the introduced comparison failed or could not
+            be made.
+        noise_floor_rel_l2: HF in the pair's dtype vs HF in float64 at this row (end to end), None if not measured.
+        reason: why the introduced comparison failed; error: why it could not be made. calls: HF calls.
     """
 
     name: str
@@ -212,7 +89,7 @@ class LayerAttribution:
         """JSON-safe dict (non-finite floats as "nan"/"inf")."""
         out = dataclasses.asdict(self)
         for k in _FLOATS:
-            out[k] = _jf(out[k])
+            out[k] = json_float(out[k])
         return out
 
     @classmethod
@@ -220,29 +97,28 @@ class LayerAttribution:
         """Inverse of ``to_dict``."""
         data = dict(data)
         for k in _FLOATS:
-            data[k] = _fj(data.get(k))
+            data[k] = from_json_float(data.get(k))
         return cls(**data)
 
 
 @dataclass
 class AttributionResult:
-    """Per-layer propagated and introduced errors of one pair on one input, JSON-serialisable.
+    """Per-row propagated and introduced errors of one pair on one input, JSON-serialisable.
 
     Attributes:
-        layers: one ``LayerAttribution`` per attributed layer, in execution order.
-        first_introducing_layer: first layer whose introduced error is over its budget (None: none is).
-        first_divergent: ``run_parity``'s first failing layer over every compared pair (sub-modules included).
-        sections: the model sections that ran; tolerance: the ``Tolerance`` applied, as a dict.
-        dtype: the pair's dtype; noise_floor: whether ``noise_floor_rel_l2`` was measured.
-        provenance, inputs: as in ``ParityResult``; notes: how each kind of FMS module was called, adapter state.
-        elapsed_s: wall time in seconds.
+        layers: one ``LayerAttribution`` per row with a replay, in execution order.
+        first_introducing_layer: first row whose introduced error is over its bound (None: none is).
+        first_divergent: the engine's first failing row over every compared row.
+        sections, tolerance (the float32 / flat bound as a dict, None when per-row), dtype, noise_floor (whether
+        ``noise_floor_rel_l2`` was measured), provenance, inputs, notes (how each kind of module was called),
+        elapsed_s.
     """
 
     layers: list[LayerAttribution]
     first_introducing_layer: Optional[str]
     first_divergent: Optional[str]
     sections: list[str]
-    tolerance: dict
+    tolerance: Optional[dict]
     dtype: str
     noise_floor: bool = False
     provenance: dict = field(default_factory=dict)
@@ -251,7 +127,7 @@ class AttributionResult:
     elapsed_s: float = 0.0
 
     def layer(self, name: str) -> LayerAttribution:
-        """The entry of one layer (KeyError naming the attributed layers if absent)."""
+        """The entry of one row (KeyError naming the attributed rows if absent)."""
         for r in self.layers:
             if r.name == name:
                 return r
@@ -269,7 +145,7 @@ class AttributionResult:
     @classmethod
     def from_dict(cls, data: dict) -> "AttributionResult":
         """Inverse of ``to_dict``. Raises ValueError on data that is not an attribution result."""
-        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION or "layers" not in data:
+        if not isinstance(data, dict) or data.get("schema_version") not in (1, SCHEMA_VERSION) or "layers" not in data:
             raise ValueError(f"not an attribution result (schema_version {SCHEMA_VERSION} JSON from "
                              "AttributionResult.to_json)")
         kw = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
@@ -292,206 +168,99 @@ class AttributionResult:
             raise ValueError(f"not an attribution result: invalid JSON ({err})") from err
 
 
-# -- running ----------------------------------------------------------------------------------------------------------
+def from_result(result, noise: Optional[dict] = None) -> AttributionResult:
+    """The attribution view of a ``ParityResult`` (``noise``: a ``noise_floor`` dict to add)."""
+    rows = []
+    for r in result.layers:
+        if r.pair.kind is None:
+            continue
+        intro = r.introduced
+        rounding = (r.hf_rounding or {}).get("propagated")
+        rows.append(LayerAttribution(
+            name=r.name, hf=r.pair.hf, fms=r.pair.fms, kind=r.pair.kind,
+            propagated_rel_l2=None if r.diff is None else r.diff.rel_l2,
+            propagated_passed=r.propagated_passed,
+            introduced_rel_l2=None if intro is None else intro.rel_l2,
+            introduced_max_abs=None if intro is None else intro.max_abs,
+            introduced_passed=r.introduced_passed and intro is not None,
+            budget=float("nan") if intro is None else intro.tolerance.max_rel_l2,
+            over_budget=not (r.introduced_passed and intro is not None),
+            noise_floor_rel_l2=(noise or {}).get(r.name, rounding),
+            reason=None if intro is None or intro.passed else intro.reason,
+            error=r.introduced_error or (None if intro is not None else "the HF module never ran"),
+            calls=r.calls,
+        ))
+    kinds = dict.fromkeys(r.kind for r in rows)
+    return AttributionResult(
+        layers=rows,
+        first_introducing_layer=next((r.name for r in rows if r.over_budget), None),
+        first_divergent=result.first_divergent,
+        sections=list(result.sections),
+        tolerance=result.tolerance if result.tolerance is not None else _uniform(rows),
+        dtype=str(result.provenance.get("dtype")),
+        noise_floor=noise is not None or any(r.noise_floor_rel_l2 is not None for r in rows),
+        provenance=result.provenance,
+        inputs=result.inputs,
+        notes=[f"{kind}: {REPLAYS[kind].how}" for kind in kinds],
+        elapsed_s=result.elapsed_s,
+    )
 
 
-def _check_args(pair, inputs, tol) -> None:
-    for attr in ("hf", "fms", "config", "dtype"):
-        if not hasattr(pair, attr):
-            raise TypeError(f"pair must be a parity.pair.ModelPair (from build_pair), got {type(pair).__name__} "
-                            f"without .{attr}")
-    for attr in ("input_ids", "input_features", "input_features_mask", "describe"):
-        if not hasattr(inputs, attr):
-            raise TypeError(f"inputs must be a parity.pair.ParityInputs (from build_inputs), got "
-                            f"{type(inputs).__name__} without .{attr}")
-    if tol is not None and not isinstance(tol, Tolerance):
-        raise TypeError(f"tol must be a parity.metrics.Tolerance or None, got {type(tol).__name__}")
-
-
-def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The call's arguments by parameter name (positional ones named by ``module.forward``'s signature)."""
-    try:
-        return dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
-    except (TypeError, ValueError):  # an unusual signature: positional ones by index
-        return {**{f"arg{k}": a for k, a in enumerate(args)}, **kwargs}
-
-
-def _adapter_context(pair, upto: str, has_audio: bool):
-    """The LoRA state ``run_parity`` uses: adapters set explicitly only when the decoder runs."""
-    return set_adapters(pair, enabled=has_audio) if upto == "decoder" else contextlib.nullcontext(None)
-
-
-def _introduced(pair, inputs, pairs: list[LayerPair], upto: str, tol: Tolerance):
-    """Run HF up to ``upto``; at each attributed HF module run its FMS twin on the same inputs and compare.
-
-    Returns ``({name: [TensorDiff per call]}, {name: error}, {name: HF calls}, adapter note)``. Nothing is kept but
-    the statistics: each block's inputs live only until that block returns.
-    """
-    by_hf = {p.hf: p for p in pairs}
-    pending: dict[str, list[Optional[dict]]] = {p.name: [] for p in pairs}
-    diffs: dict[str, list[TensorDiff]] = {p.name: [] for p in pairs}
-    errors: dict[str, str] = {}
-    calls: dict[str, int] = {p.name: 0 for p in pairs}
-    handles = []
-
-    def pre_hook(path):
-        p = by_hf[path]
-        adapter = ADAPTERS[kind_of(p.name)]
-
-        def hook(module, args, kwargs):
-            try:
-                pending[p.name].append(adapter.take(_bind(module, args, kwargs)))
-            except TypeError as err:
-                errors.setdefault(p.name, f"HF inputs of {p.hf}: {err}")
-                pending[p.name].append(None)
-        return hook
-
-    def post_hook(path):
-        p = by_hf[path]
-        adapter = ADAPTERS[kind_of(p.name)]
-        fms_module = pair.fms.get_submodule(p.fms)
-
-        def hook(module, args, output):
-            calls[p.name] += 1
-            taken = pending[p.name].pop()
-            ref = first_tensor(output)
-            if taken is None or p.name in errors:
-                return
-            if ref is None:
-                errors[p.name] = f"HF module {p.hf} returned no tensor"
-                return
-            try:
-                test = adapter.call(pair.fms, fms_module, taken)
-                diffs[p.name].append(compare_tensors(first_tensor(test), ref.detach(), tol))
-            except (RuntimeError, ValueError, TypeError) as err:
-                errors[p.name] = f"FMS {p.fms or '<model>'} on HF inputs: {str(err).splitlines()[0]}"
-        return hook
-
-    with _adapter_context(pair, upto, inputs.input_features is not None) as note, torch.no_grad():
-        try:
-            for p in pairs:
-                module = pair.hf.get_submodule(p.hf)
-                handles.append(module.register_forward_pre_hook(pre_hook(p.hf), with_kwargs=True))
-                handles.append(module.register_forward_hook(post_hook(p.hf)))
-            run_section("hf", pair.hf, inputs, upto, pair.dtype)
-        finally:
-            for h in handles:
-                h.remove()
-    return diffs, errors, calls, note
+def _uniform(rows: list[LayerAttribution]) -> Optional[dict]:
+    """The budget as a tolerance dict when every row had the same one (float32's per-dtype bound), else None."""
+    budgets = {r.budget for r in rows}
+    return {"max_rel_l2": budgets.pop()} if len(budgets) == 1 else None
 
 
 def attribute(pair, inputs, tol: Optional[Tolerance] = None, layers: Union[None, str, Sequence[str]] = None,
               with_noise_floor: bool = False) -> AttributionResult:
-    """Propagated and introduced error of every whole-block layer of ``pair`` on ``inputs``.
+    """Propagated and introduced error of every row with a replay, for ``pair`` on ``inputs``.
 
     Args:
-        pair: a ``parity.pair.ModelPair``.
-        inputs: a ``parity.pair.ParityInputs`` (``input_ids`` [B, L], ``input_features`` [B, T, 160] or None).
-        tol: bounds for both comparisons; None uses ``metrics.default_tolerance(pair.dtype)``. The budget of a layer
-            is ``tol.max_rel_l2``; a layer is over budget when ``compare_tensors`` fails its introduced error.
+        pair: a ``parity.pair.ModelPair``; inputs: a ``parity.inputs.ParityInputs``.
+        tol: bounds for both comparisons; None: the engine's (see ``parity.compare``).
         layers: as ``run_parity``'s ``layers`` (decides which sections run); None runs the whole model.
-        with_noise_floor: also run ``noise_floor`` (a float64 copy of the HF model: 2x the float32 weights' memory,
-            4x bf16's) and fill ``noise_floor_rel_l2``.
-
-    Returns:
-        ``AttributionResult``; ``first_introducing_layer`` is the first layer in execution order over budget.
+        with_noise_floor: also run ``noise_floor`` (HF in float64, one block at a time) and fill
+            ``noise_floor_rel_l2``.
 
     Raises:
-        TypeError: ``pair``/``inputs``/``tol`` of the wrong type.
-        ValueError: as ``run_parity`` (unknown layer names, audio layers with text-only inputs).
+        TypeError / ValueError: as ``run_parity``.
     """
-    start = time.perf_counter()
-    _check_args(pair, inputs, tol)
-    tol = default_tolerance(pair.dtype) if tol is None else tol
-    propagated = run_parity(pair, inputs, layers, tol)
-    sections = list(propagated.sections)
-    pairs = attributable(pair.config, sections)
-    upto = sections[-1]
-    diffs, errors, calls, adapter_note = _introduced(pair, inputs, pairs, upto, tol)
-    floor = noise_floor(pair, inputs, layers) if with_noise_floor else {}
+    from parity.compare import run_parity
 
-    by_name = {r.name: r for r in propagated.layers}
-    out = []
-    for p in pairs:
-        prop = by_name.get(p.name)
-        prop_diff = None if prop is None else prop.diff
-        error = errors.get(p.name)
-        if error is None and not diffs[p.name]:
-            error = f"HF module {p.hf} never ran"
-        intro = worst_diff(diffs[p.name]) if diffs[p.name] and error is None else None
-        passed = intro is not None and intro.passed
-        out.append(LayerAttribution(
-            name=p.name, hf=p.hf, fms=p.fms, kind=kind_of(p.name),
-            propagated_rel_l2=None if prop_diff is None else prop_diff.rel_l2,
-            propagated_passed=None if prop is None else prop.passed,
-            introduced_rel_l2=None if intro is None else intro.rel_l2,
-            introduced_max_abs=None if intro is None else intro.max_abs,
-            introduced_passed=passed, budget=float(tol.max_rel_l2), over_budget=not passed,
-            noise_floor_rel_l2=floor.get(p.name),
-            reason=None if intro is None or intro.passed else intro.reason,
-            error=error, calls=calls[p.name],
-        ))
-    notes = [f"{kind}: {ADAPTERS[kind].how}" for kind in dict.fromkeys(r.kind for r in out)]
-    if adapter_note is not None:
-        notes.append(adapter_note)
-    return AttributionResult(
-        layers=out,
-        first_introducing_layer=next((r.name for r in out if r.over_budget), None),
-        first_divergent=propagated.first_divergent,
-        sections=sections,
-        tolerance=tol.to_dict(),
-        dtype=str(pair.dtype).removeprefix("torch."),
-        noise_floor=with_noise_floor,
-        provenance=propagated.provenance,
-        inputs=propagated.inputs,
-        notes=notes,
-        elapsed_s=round(time.perf_counter() - start, 3),
-    )
+    start = time.perf_counter()
+    result = run_parity(pair, inputs, layers, tol)
+    noise = noise_floor(pair, inputs, layers) if with_noise_floor else None
+    out = from_result(result, noise)
+    out.elapsed_s = round(time.perf_counter() - start, 3)
+    return out
 
 
 def noise_floor(pair, inputs, layers: Union[None, str, Sequence[str]] = None) -> dict[str, float]:
-    """Per attributed layer, rel-L2 of HF run in ``pair.dtype`` against HF run in float64 (same weights).
+    """Per row with a replay, rel-L2 of HF run in ``pair.dtype`` against HF run in float64 (same weights, end to end).
 
-    The float64 model is a copy of ``pair.hf`` cast up, so its weights are the pair's (already rounded to
-    ``pair.dtype``): the number is what the reference loses to rounding its activations in ``pair.dtype``, the
-    scale a tolerance for that dtype should be judged against. Features are cast to float64 for the float64 run.
-    Memory: a float64 copy of the HF model. For a float64 pair every value is 0.
-
-    Args:
-        pair, inputs, layers: as ``attribute``.
+    The float64 run converts HF one block at a time (``runner.float64_units``), so it needs one block's float64 memory,
+    and runs HF's modules in the order of its forward (``run_section(..., compose=True)``). For a float64 pair every
+    value is 0.
 
     Returns:
-        ``{parity name: rel_l2}`` for the attributed layers of the sections that run (worst call).
-
-    Raises:
-        TypeError / ValueError: as ``attribute``.
+        ``{parity name: rel_l2}`` for the rows with a replay of the sections that run (worst call).
     """
-    _check_args(pair, inputs, None)
-    has_audio = inputs.input_features is not None
-    if layers is None:
-        upto = "decoder"
-    else:
-        from parity.compare import requested_pairs
+    from parity.compare import _rows, requested_pairs, set_adapters
 
-        upto = max((p.section for p in requested_pairs(pair.config, layers)), key=SECTIONS.index)
-    if not has_audio:
-        if upto != "decoder":
-            raise ValueError("the requested layers need audio but the inputs are text-only; build inputs with audio")
-        sections = ["decoder"]
-    else:
-        sections = list(SECTIONS[: SECTIONS.index(upto) + 1])
-    pairs = attributable(pair.config, sections)
+    inputs = inputs.to(pair.device)
+    run, sections = _rows(pair.config, requested_pairs(pair.config, layers), inputs)
+    upto = max((p.section for p in run), key=SECTIONS.index)
+    pairs = [p for p in run if p.kind is not None and p.tensor == OUTPUT]
     paths = [p.hf for p in pairs]
     name = {p.hf: p.name for p in pairs}
     worst: dict[str, float] = {}
-    inputs64 = inputs if not has_audio else dataclasses.replace(
-        inputs, input_features=inputs.input_features.to(torch.float64))
-
-    with _adapter_context(pair, upto, has_audio), torch.no_grad():
-        low = Capture(pair.hf, paths)
+    hf = pair.get("hf")
+    adapters = set_adapters(pair, inputs.has_audio) if upto == "decoder" else _null()
+    with adapters, torch.no_grad():
+        low = Capture(hf, paths)
         with low:
-            run_section("hf", pair.hf, inputs, upto, pair.dtype)
-        hf64 = copy.deepcopy(pair.hf).to(torch.float64)
+            run_section("hf", hf, inputs, upto, pair.dtype)
         seen: dict[str, int] = {}
 
         def on_output(path: str, t64: torch.Tensor) -> None:
@@ -501,9 +270,12 @@ def noise_floor(pair, inputs, layers: Union[None, str, Sequence[str]] = None) ->
                 d = compare_tensors(low.outputs[path][k], t64, default_tolerance(pair.dtype))
                 worst[name[path]] = max(worst.get(name[path], 0.0), d.rel_l2)
 
-        try:
-            with Capture(hf64, paths, store=False, on_output=on_output):
-                run_section("hf", hf64, inputs64, upto, torch.float64)
-        finally:
-            del hf64
+        with float64_units(hf, FLOAT64_UNITS), Capture(hf, paths, store=False, on_output=on_output):
+            run_section("hf", hf, inputs, upto, torch.float64, compose=True)
     return worst
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext(None)

@@ -2,8 +2,9 @@
 
 Pieces (each a library function; the CLI and the pytest suite are thin over them):
 
-* ``CASES`` / ``case_inputs`` / ``run_cases``: the CPU suite's cases on shipped speech (batch 1, a mixed-length
-  batch, text-only), run with ``compare.run_parity``. ``parity/tests`` runs the same cases.
+* ``parity.inputs.CASES`` / ``run_cases``: the fixed, named cases (window and attention-context edges, an odd mel
+  count, mixed batches with the short clip first and last, text-only), run with ``compare.run_parity`` on every call;
+  ``parity/tests`` runs the same cases, in float32 and (two of them) in bfloat16, plus a derandomized fuzz.
 * ``thresholds.json`` (committed next to this file): for each variant and dtype, per layer group (a path-map row,
   ``encoder.blocks.{}.attn``...) the largest rel-L2 observed on the honest model and the bound derived from it:
   ``bound = min(max(observed * margin, floor_fraction * dtype_max), dtype_max)`` where ``dtype_max`` is
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
+
+from parity.inputs import CASES, case_inputs, case_names
 
 __all__ = [
     "CASES",
@@ -48,65 +50,26 @@ DEFAULT_MARGIN = 10.0
 DEFAULT_FLOOR_FRACTION = 0.1
 CHECK_JSON, CHECK_MD = "parity-check.json", "parity-check.md"
 SUITE_JSON = "parity-suite.json"
-TEXT_PROMPT = "USER: can you say something? ASSISTANT:"
 
 
 # -- the suite's cases ----------------------------------------------------------------------------------------------
 
 
-def _speech_b1(pair):
-    from fms_granite_speech.features import shipped_audio
-    from parity.pair import build_inputs
-
-    return build_inputs(pair, audio=[str(shipped_audio("fox"))])
-
-
-def _speech_mixed_batch(pair):
-    """Three clips of different lengths (one shorter than a projector window): padding flows through every layer."""
-    from parity.fuzz import AudioClip, make_waveform, samples_for_frames
-    from parity.pair import build_inputs
-
-    w = pair.config.projector.window_size
-    clips = [AudioClip("ships", 0, samples_for_frames(2 * pair.config.encoder.context_size + 3)),
-             AudioClip("transcribe", 4000, samples_for_frames(w - 1, odd_mel=True)),
-             AudioClip("fox", 1000, samples_for_frames(w + 1))]
-    return build_inputs(pair, audio=[make_waveform(c) for c in clips], sampling_rate=16_000)
-
-
-def _text_only(pair):
-    from parity.pair import ParityInputs
-
-    ids = pair.get_tokenizer()(TEXT_PROMPT, return_tensors="pt")["input_ids"].to(pair.device)
-    return ParityInputs(input_ids=ids, prompt=TEXT_PROMPT)
-
-
-CASES: dict[str, Callable] = {
-    "speech_b1": _speech_b1,
-    "speech_mixed_batch": _speech_mixed_batch,
-    "text_only": _text_only,
-}
-
-
-def case_inputs(pair, name: str):
-    """The ``ParityInputs`` of suite case ``name`` for ``pair``.
+def run_cases(pair, names: Optional[Sequence[str]] = None, progress=None) -> dict:
+    """``{case: ParityResult}`` of the whole model (features to logits; the decoder alone for the text-only case) for
+    each named case of ``parity.inputs.CASES`` (default: all of them, in that order).
 
     Raises:
-        ValueError: unknown case (the message lists ``CASES``).
+        ValueError: an unknown case name (the message lists ``CASES``).
     """
-    if name not in CASES:
-        raise ValueError(f"unknown parity suite case {name!r}; known: {', '.join(CASES)}")
-    return CASES[name](pair)
-
-
-def run_cases(pair, names: Optional[Sequence[str]] = None) -> dict:
-    """``{case: ParityResult}`` of the whole model (encoder to logits; the decoder alone for text-only cases) for
-    each case (default: all of ``CASES``)."""
     from parity.compare import run_parity
 
     out = {}
-    for name in names or list(CASES):
+    for name in case_names(names):
+        if progress is not None:
+            progress(f"case {name}")
         inputs = case_inputs(pair, name)
-        out[name] = run_parity(pair, inputs, layers=None if inputs.input_features is not None else "decoder")
+        out[name] = run_parity(pair, inputs, layers=None if inputs.has_audio else ["input_ids", "decoder"])
     return out
 
 
@@ -114,11 +77,13 @@ def run_cases(pair, names: Optional[Sequence[str]] = None) -> dict:
 
 
 def layer_group(name: str) -> str:
-    """The path-map row a parity layer name belongs to: layer indices replaced by ``{}``.
+    """The path-map row a parity layer name belongs to (``pathmap.template_of``): layer indices replaced by ``{}``.
 
     ``encoder.blocks.7.attn`` -> ``encoder.blocks.{}.attn``; ``logits`` -> ``logits``.
     """
-    return re.sub(r"\.\d+(?=\.|$)", ".{}", name)
+    from parity.pathmap import template_of
+
+    return template_of(name)
 
 
 def _dtype_max(dtype: str) -> float:
@@ -133,13 +98,20 @@ def _key(result) -> tuple[str, str]:
     return str(p.get("variant") or p.get("checkpoint") or "unknown"), str(p.get("dtype") or "float32")
 
 
+def _committed(result) -> bool:
+    """Whether committed per-group bounds judge this result: not for reduced precision with a float64 reference,
+    whose per-row bounds come from that run itself (the engine's verdict)."""
+    return result.reference != "float64"
+
+
 def make_baseline(results: Mapping[str, object], margin: float = DEFAULT_MARGIN,
                   floor_fraction: float = DEFAULT_FLOOR_FRACTION, previous: Optional[dict] = None) -> dict:
     """Thresholds (the ``thresholds.json`` document) from honest ``{case: ParityResult}``.
 
-    Per (variant, dtype) and layer group: ``observed`` = the largest rel-L2 of the group over all cases, ``bound`` =
-    ``min(max(observed * margin, floor_fraction * dtype_max), dtype_max)``. Entries of ``previous`` for other
-    variants/dtypes are kept.
+    Per (variant, dtype) and layer group: ``observed`` = the largest propagated rel-L2 of the group over all cases,
+    ``bound`` = ``min(max(observed * margin, floor_fraction * dtype_max), dtype_max)``. Results judged against a
+    float64 reference (bf16 / fp16) take no committed bounds. Entries of ``previous`` for other variants/dtypes are
+    kept.
 
     Raises:
         ValueError: a result fails its own tolerance (a baseline is only taken from a passing model), or
@@ -161,6 +133,8 @@ def make_baseline(results: Mapping[str, object], margin: float = DEFAULT_MARGIN,
             raise ValueError(f"case {case!r} fails ({result.first_divergent}); fix the model before taking a baseline")
     fresh: dict = {}
     for result in results.values():
+        if not _committed(result):
+            continue
         variant, dtype = _key(result)
         top = _dtype_max(dtype)
         table = fresh.setdefault(f"{variant}/{dtype}", {})
@@ -175,21 +149,45 @@ def make_baseline(results: Mapping[str, object], margin: float = DEFAULT_MARGIN,
     return out
 
 
+def _problem(path, where: str, what: str) -> ValueError:
+    return ValueError(f"{path}: {where} {what}; restore the committed parity/thresholds.json or rewrite it with "
+                      "`parity check --update-baseline`")
+
+
 def load_thresholds(path: Union[None, str, Path] = None) -> dict:
-    """The thresholds document (default: the committed ``parity/thresholds.json``).
+    """The thresholds document (default: the committed ``parity/thresholds.json``), fully validated.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: not a thresholds document of schema ``THRESHOLDS_SCHEMA``.
+        FileNotFoundError: no such file.
+        ValueError: not valid JSON, not a thresholds document of schema ``THRESHOLDS_SCHEMA``, or a value of the wrong
+            type (every ``groups[variant/dtype][group]`` must hold finite numbers ``observed`` >= 0 and ``bound`` >=
+            0); the message names the entry.
     """
     path = Path(path) if path is not None else THRESHOLDS_PATH
     if not path.is_file():
         raise FileNotFoundError(f"thresholds file not found: {path}; create it with `parity check --update-baseline`")
     try:
         doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(doc, dict) or doc.get("schema_version") != THRESHOLDS_SCHEMA or "groups" not in doc:
         raise ValueError(f"{path} is not a parity thresholds file (schema_version {THRESHOLDS_SCHEMA} with 'groups')")
+    groups = doc["groups"]
+    if not isinstance(groups, dict):
+        raise _problem(path, "'groups'", f"is a {type(groups).__name__}, not an object of variant/dtype tables")
+    for key, table in groups.items():
+        if not isinstance(table, dict):
+            raise _problem(path, f"groups[{key!r}]", f"is a {type(table).__name__}, not an object of layer groups")
+        for group, entry in table.items():
+            if not isinstance(entry, dict):
+                raise _problem(path, f"groups[{key!r}][{group!r}]", f"is a {type(entry).__name__}, not "
+                               "{\"observed\": ..., \"bound\": ...}")
+            for field_name in ("observed", "bound"):
+                value = entry.get(field_name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value < 0:
+                    raise _problem(path, f"groups[{key!r}][{group!r}].{field_name}", f"is {value!r}, not a finite "
+                                   "number >= 0")
     return doc
 
 
@@ -217,12 +215,15 @@ class CheckOutcome:
         first_divergent: per case, the first failing layer in execution order (None when the case is clean).
         missing: (variant/dtype) keys that have no committed thresholds (the check fails on them).
         cases: the case names evaluated.
+        tables: per case, one row per layer: ``[layer, rel-L2, bound, observed/bound, introduced rel-L2, introduced
+            bound, verdict]`` (the bound the layer was judged by: the committed one when tighter than the engine's).
     """
 
     regressions: list[Regression] = field(default_factory=list)
     first_divergent: dict = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     cases: list[str] = field(default_factory=list)
+    tables: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -231,47 +232,71 @@ class CheckOutcome:
 
     def to_dict(self) -> dict:
         """JSON-safe dict (with ``passed``)."""
+        from parity._json import json_safe
+
         d = asdict(self)
         d["passed"] = self.passed
-        return d
+        return json_safe(d)
 
 
 def evaluate(results: Mapping[str, object], thresholds: Optional[dict] = None) -> CheckOutcome:
     """Judge ``{case: ParityResult}`` against ``thresholds`` (default: ``load_thresholds()``).
 
-    A layer regresses when the engine failed it (its dtype tolerance, a shape mismatch, a module that did not run)
-    or its rel-L2 exceeds the bound of its group. A group without a committed bound is judged by the dtype
-    tolerance alone; a (variant, dtype) without any thresholds is reported in ``missing`` and fails the check.
+    A layer regresses when the engine failed it (its bounds, a shape mismatch, a module that did not run, the FMS
+    model raising) or its propagated rel-L2 exceeds the committed bound of its group. A group without a committed
+    bound is judged by the engine alone; a (variant, dtype) without any thresholds is reported in ``missing`` and
+    fails the check, except results judged against a float64 reference (bf16 / fp16), whose bounds come from the run.
     """
     doc = thresholds if thresholds is not None else load_thresholds()
     out = CheckOutcome(cases=list(results))
     for case, result in results.items():
         variant, dtype = _key(result)
         table = doc["groups"].get(f"{variant}/{dtype}")
-        if table is None and f"{variant}/{dtype}" not in out.missing:
+        if table is None and _committed(result) and f"{variant}/{dtype}" not in out.missing:
             out.missing.append(f"{variant}/{dtype}")
+        rows = []
         for r in result.layers:
             g = layer_group(r.name)
-            bound = None if table is None or g not in table else float(table[g]["bound"])
+            committed = None if table is None or g not in table else float(table[g]["bound"])
             rel = None if r.diff is None else float(r.diff.rel_l2)
+            engine = None if r.diff is None else r.diff.tolerance.max_rel_l2
+            bound = engine if committed is None else (committed if engine is None else min(engine, committed))
+            verdict = "pass"
             if not r.passed:
-                out.regressions.append(Regression(case, r.name, g, rel, bound, r.reason or "failed"))
-            elif bound is not None and rel is not None and (math.isnan(rel) or rel > bound):
-                out.regressions.append(Regression(case, r.name, g, rel, bound,
-                                                  f"rel_l2 {rel:.3g} > committed bound {bound:.3g}"))
+                out.regressions.append(Regression(case, r.name, g, rel, committed, r.reason or "failed"))
+                verdict = "FAIL"
+            elif committed is not None and rel is not None and (math.isnan(rel) or rel > committed):
+                out.regressions.append(Regression(case, r.name, g, rel, committed,
+                                                  f"rel_l2 {rel:.3g} > committed bound {committed:.3g}"))
+                verdict = "FAIL"
+            intro = r.introduced
+            ratio = None if rel is None or bound is None else (rel / bound if bound else (0.0 if rel == 0 else
+                                                                                          math.inf))
+            rows.append([r.name, rel, bound, ratio, None if intro is None else intro.rel_l2,
+                         None if intro is None else intro.tolerance.max_rel_l2, verdict])
+        out.tables[case] = rows
         out.first_divergent[case] = next((x.layer for x in out.regressions if x.case == case), None)
     return out
 
 
+def _cell(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "inf" if math.isinf(x) else f"{x:.2e}"
+    return str(x)
+
+
 def write_check_report(outcome: CheckOutcome, out_dir: Union[str, Path]) -> tuple[Path, Path]:
-    """Write ``parity-check.json`` and ``parity-check.md`` (verdict, first divergent layer per case, regressions).
+    """Write ``parity-check.json`` and ``parity-check.md`` into ``out_dir``: the verdict, each case's first divergent
+    layer, the regressions, and the observed-vs-bound table of every case.
 
     Returns ``(json_path, md_path)``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jp, mp = out / CHECK_JSON, out / CHECK_MD
-    jp.write_text(json.dumps(outcome.to_dict(), indent=2) + "\n")
+    jp.write_text(json.dumps(outcome.to_dict(), indent=2, allow_nan=False) + "\n")
     lines = [f"# Parity check: {'PASS' if outcome.passed else 'FAIL'}", ""]
     for case in outcome.cases:
         first = outcome.first_divergent.get(case)
@@ -281,11 +306,19 @@ def write_check_report(outcome: CheckOutcome, out_dir: Union[str, Path]) -> tupl
                   " (run `parity check --update-baseline` on a known-good model)"]
     if outcome.regressions:
         lines += ["", "## Regressions (execution order per case)", "",
-                  "| case | layer | rel-L2 | bound | reason |", "|---|---|---|---|---|"]
+                  "| case | layer | rel-L2 | committed bound | reason |", "|---|---|---|---|---|"]
         for r in outcome.regressions:
-            rel = "-" if r.rel_l2 is None else f"{r.rel_l2:.3e}"
-            bound = "-" if r.bound is None else f"{r.bound:.3e}"
-            lines.append(f"| {r.case} | `{r.layer}` | {rel} | {bound} | {r.reason.replace('|', '/')} |")
+            lines.append(f"| {r.case} | `{r.layer}` | {_cell(r.rel_l2)} | {_cell(r.bound)} | "
+                         f"{r.reason.replace('|', '/')} |")
+    lines += ["", "## Observed vs bound, every case", "",
+              "Propagated rel-L2 against the bound it was judged by (the committed group bound when tighter than "
+              "the engine's), and the introduced rel-L2 (the FMS module on HF's exact input) against its bound.", ""]
+    for case in outcome.cases:
+        lines += [f"### `{case}`", "", "| layer | rel-L2 | bound | observed/bound | introduced | introduced bound | "
+                  "result |", "|---|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(_cell(c) if k else f"`{c}`" for k, c in enumerate(row)) + " |"
+                  for row in outcome.tables.get(case, [])]
+        lines.append("")
     mp.write_text("\n".join(lines) + "\n")
     return jp, mp
 
@@ -296,81 +329,106 @@ def load_suite(path: Union[str, Path]) -> dict:
     Raises:
         FileNotFoundError / ValueError: missing or malformed file.
     """
-    from parity.compare import ParityResult
+    from parity.result import ParityResult
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"suite results not found: {path} (did the parity suite run with the plugin?)")
-    doc = json.loads(path.read_text())
-    if not isinstance(doc, dict) or "results" not in doc:
-        raise ValueError(f"{path} is not a merged parity suite file (no 'results')")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict):
+        raise ValueError(f"{path} is not a merged parity suite file (no 'results' object)")
     return {name: ParityResult.from_dict(d) for name, d in doc["results"].items()}
 
 
 def run_check(out_dir: Union[str, Path] = "parity-report", workers: str = "auto",
               thresholds: Union[None, str, Path] = None, update_baseline: bool = False,
-              pytest_args: Sequence[str] = ()) -> int:
+              pytest_args: Sequence[str] = (), quiet: bool = False) -> int:
     """Run the CPU parity suite with pytest and gate it; returns the exit status (0 pass, 1 regression/failure).
 
-    Runs ``python -m pytest <parity/tests> -m "not gpu" -n WORKERS --junitxml OUT/junit.xml --parity-report OUT``,
-    loads the plugin's merged ``OUT/parity-suite.json``, ``evaluate``s it against ``thresholds`` and writes
-    ``OUT/parity-check.{md,json}``. The thresholds file is loaded before pytest runs, and the previous run's suite
-    report in ``OUT`` is deleted first, so a run that records nothing fails instead of judging stale results.
-    With ``update_baseline`` the thresholds file is rewritten from the results instead, only when pytest exited 0 and
-    every case passed (a missing thresholds file is then created).
+    Runs ``python -m pytest <parity/tests> -m "not gpu" -n WORKERS --junitxml ... --parity-report ...`` with the
+    hypothesis ``ci`` profile (derandomized, no example database: the same tree gets the same verdict every run),
+    loads the plugin's merged ``parity-suite.json``, ``evaluate``s it against ``thresholds`` and writes
+    ``parity-check.{md,json}``. Every file of the run (suite report, JUnit XML, verdict) is written into a staging
+    folder and moved into ``out_dir`` together at the end (``parity._atomic``): a run that records nothing or cannot
+    be judged leaves the previous run's files untouched, and a verdict always sits beside the results it judged.
+    The thresholds file is validated before pytest runs. With ``update_baseline`` the thresholds file is rewritten
+    from the results instead, only when pytest exited 0 and every case passed (a missing thresholds file is then
+    created).
 
     Raises:
         FileNotFoundError: ``thresholds`` given (or the committed file) and absent, without ``update_baseline``.
-        ValueError: ``thresholds`` is not a thresholds document.
+        ValueError: ``thresholds`` is not a valid thresholds document, or ``out_dir`` cannot be written.
     """
+    import os
+
+    from parity._atomic import check_writable, staged
     from parity.report import SUITE_MD, SUITE_PNG
 
     path = Path(thresholds) if thresholds else THRESHOLDS_PATH
     doc = load_thresholds(path) if not update_baseline or path.is_file() else None
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (SUITE_JSON, SUITE_MD, SUITE_PNG):
-        (out / stale).unlink(missing_ok=True)
+    out = check_writable(out_dir).resolve()
+    owned = (SUITE_JSON, SUITE_MD, SUITE_PNG, CHECK_JSON, CHECK_MD, JUNIT)
     suite_dir = Path(__file__).with_name("tests")
-    cmd = [sys.executable, "-m", "pytest", str(suite_dir), "-m", "not gpu", "-q", "-p", "no:cacheprovider",
-           "--junitxml", str(out / "junit.xml"), "--parity-report", str(out)]
-    if workers and workers != "0":
-        cmd += ["-n", str(workers)]
-    if not _plugin_installed():
-        cmd[3:3] = ["-p", "parity.plugin"]
-    cmd += list(pytest_args)
-    print("parity check:", " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=str(suite_dir.parent.parent))
-    if not (out / SUITE_JSON).is_file():
-        print(f"parity check: error: pytest (exit {rc}) recorded no parity results in {out / SUITE_JSON}",
-              file=sys.stderr)
-        return 1
     try:
-        results = load_suite(out / SUITE_JSON)
-    except ValueError as err:
-        print(f"parity check: error: {err}", file=sys.stderr)
-        return 1
-    if update_baseline:
-        if rc != 0:
-            print(f"parity check: error: pytest exited {rc}; baseline NOT written to {path}", file=sys.stderr)
-            return 1
-        try:
-            new_doc = make_baseline(results, previous=doc)
-        except ValueError as err:
-            print(f"parity check: error: {err}; baseline NOT written", file=sys.stderr)
-            return 1
-        path.write_text(json.dumps(new_doc, indent=2) + "\n")
-        print(f"parity check: baseline written to {path}")
-        return 0
-    outcome = evaluate(results, doc)
-    jp, mp = write_check_report(outcome, out)
+        with staged(out, owned) as stage:
+            cmd = [sys.executable, "-m", "pytest", str(suite_dir), "-m", "not gpu", "-q", "-p", "no:cacheprovider",
+                   "--junitxml", str(stage / JUNIT), "--parity-report", str(stage)]
+            if workers and workers != "0":
+                cmd += ["-n", str(workers)]
+            if not _plugin_installed():
+                cmd[3:3] = ["-p", "parity.plugin"]
+            cmd += list(pytest_args)
+            if not quiet:
+                print("parity check:", " ".join(cmd), file=sys.stderr, flush=True)
+            env = dict(os.environ, HYPOTHESIS_PROFILE=os.environ.get("HYPOTHESIS_PROFILE") or "ci")
+            rc = subprocess.call(cmd, cwd=str(suite_dir.parent.parent), env=env,
+                                 stdout=subprocess.DEVNULL if quiet else None)
+            if not (stage / SUITE_JSON).is_file():
+                print(f"parity check: error: pytest (exit {rc}) recorded no parity results; {out} is unchanged",
+                      file=sys.stderr)
+                raise _Abandon(1)
+            try:
+                results = load_suite(stage / SUITE_JSON)
+            except ValueError as err:
+                print(f"parity check: error: {err}; {out} is unchanged", file=sys.stderr)
+                raise _Abandon(1) from None
+            if update_baseline:
+                if rc != 0:
+                    print(f"parity check: error: pytest exited {rc}; baseline NOT written to {path}", file=sys.stderr)
+                    raise _Abandon(1)
+                try:
+                    new_doc = make_baseline(results, previous=doc)
+                except ValueError as err:
+                    print(f"parity check: error: {err}; baseline NOT written", file=sys.stderr)
+                    raise _Abandon(1) from None
+                path.write_text(json.dumps(new_doc, indent=2) + "\n")
+                print(f"parity check: baseline written to {path}")
+                return 0
+            outcome = evaluate(results, doc)
+            write_check_report(outcome, stage)
+    except _Abandon as stop:
+        return stop.code
     for case in outcome.cases:
         print(f"  {case}: first divergent layer: {outcome.first_divergent.get(case) or 'none'}")
     for r in outcome.regressions[:20]:
         print(f"  REGRESSION {r.case} {r.layer}: {r.reason}")
     print(f"parity check: {'PASS' if outcome.passed and rc == 0 else 'FAIL'} (pytest exit {rc}); "
-          f"report {mp}, junit {out / 'junit.xml'}")
+          f"report {out / CHECK_MD}, junit {out / JUNIT}")
     return 0 if outcome.passed and rc == 0 else 1
+
+
+JUNIT = "junit.xml"
+
+
+class _Abandon(Exception):
+    """Leave the staged files unpublished (the previous run's stay); carries the exit status."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
 
 
 def _plugin_installed() -> bool:

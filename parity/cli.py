@@ -1,45 +1,72 @@
-"""``parity``: command line over the parity library (pathmap, pair, compare, report); no logic of its own.
+"""``parity``: the command line over the parity library; thin shells, with torch imported only to build a model.
 
-    parity map [--variant tiny] [--expand]
-    parity diff [--layer NAME ...] [--variant tiny | --checkpoint DIR] [--audio PATH ...] [--prompt TEXT]
-                [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--seed N] [--report-dir DIR] [--threads N]
-                [--mode eager|compiled|drift] [--compile-backend inductor|aot_eager|eager] [--attribute]
-    parity compile-report [--variant tiny] [--seed N] [--audio PATH]
+    parity map [--variant tiny | --checkpoint DIR] [--expand]
+    parity diff [--layer NAME ...] [--cases NAME,...] [--variant tiny | --checkpoint DIR] [--audio PATH ...]
+                [--prompt TEXT] [--same-inputs] [--dtype D] [--device D] [--seed N] [--threads N]
+                [--mode eager|compiled|drift] [--compile-backend B] [--reference auto|float64|flat]
+                [--memory auto|together|sequential] [--attribute] [--report-dir DIR] [--json PATH|-] [--quiet]
     parity generate [--variant tiny | --checkpoint DIR] [--audio PATH ...] [--text-only] [--max-new-tokens N] ...
-    parity recheck REPORT.json [--atol X] [--rtol X] [--max-rel-l2 X] [--min-cosine X] [--report-dir DIR]
-    parity check [--out DIR] [-n WORKERS] [--thresholds JSON] [--update-baseline]
+    parity compile-report [--variant tiny] [--seed N] [--audio PATH]
+    parity recheck REPORT.json [--atol X] [--rtol X] [--max-rel-l2 X] [--min-cosine X] [--layer NAME] [--report-dir D]
+    parity check [--out DIR] [-n WORKERS] [--thresholds JSON] [--update-baseline] [--quiet]
     parity report RESULT.json [--out DIR]
 
-Exit codes: 0 the requested layers pass, 1 one of them fails, 2 a usage error (unknown layer, missing audio file,
-bad checkpoint folder, bad option, unwritable report folder); errors are one line on stderr, never a traceback.
-``--mode compiled/drift`` hitting dynamo's recompile limit (``torch._dynamo.exc.FailOnRecompileLimitHit``, raised on
-purpose instead of a silent eager fallback) exits 1 with a one-line error: the command was valid but produced no
-verdict, so a gate must not pass it and it is not the caller's typo. Any other exception from inside the engine
-(a TypeError from a bug, say) is left to surface with its traceback.
+Exit codes: 0 the requested layers pass, 1 a layer fails (every divergence between the models is a verdict:
+different values, different shapes or token counts, the FMS model raising on its inputs), 2 a usage error (an
+unknown layer or case, a missing or unreadable file, a folder that is not a checkpoint, an unwritable report folder,
+inputs the HF reference itself cannot run). Errors are one line on stderr, every problem of the command line at once,
+never a traceback from inside torch, transformers, safetensors or FMS. ``--mode compiled/drift`` hitting dynamo's
+recompile limit exits 1 (a valid command that produced no verdict, which a gate must not pass). Any other exception
+from inside the engine (a project bug) surfaces with its traceback. Reports are written atomically: a failed run
+leaves the previous report files byte-identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tabulate import tabulate
-
 __all__ = ["main"]
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-# measured: `parity diff --layer encoder.blocks.8 --mode compiled` (tiny, float32), 2-core CPU, torch 2.11: 6 min 19 s
-# wall with inductor (a test run shared the cores part of the time), ~40 s with backend eager. Inductor generates C++
-# for the whole hooked encoder of each side (16 unrolled blocks, ~100 hooked outputs); compiling one block and
-# reusing its graph does not apply while capture hooks differ per block (each block's hooks are distinct closures,
-# so dynamo recompiles per block and hits its recompile limit of 8).
-_INDUCTOR_TIME = "~6 min"
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+_MODES = ("eager", "compiled", "drift")
+_BACKENDS = ("inductor", "aot_eager", "eager")
+# measured on 2 cores, torch 2.11, tiny, float32, whole model: see BENCHMARKS.md ("compiled-mode parity")
+_COMPILED_TIME = "regional compilation: one graph per kind of block on each side, whatever the depth"
 
 
 class _UsageError(Exception):
     """A problem with what the user asked for: reported in one line, exit code 2."""
+
+
+def _problems(found: list[str]) -> None:
+    if found:
+        raise _UsageError("; ".join(found))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# -- the parser (torch-free) --------------------------------------------------------------------------------------
+
+
+def _add_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", default=None, help="named config with seeded random weights: tiny (default), 3.3-2b, "
+                                                  "3.3-8b")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="HF-format checkpoint folder (config.json, "
+                                                                     "safetensors, optional peft adapter)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed for random weights (default: 0)")
+    p.add_argument("--dtype", default="float32", choices=_DTYPES)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU intra-op threads (default: torch's); 1 is fastest for the tiny model on a busy host")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,90 +74,108 @@ def _parser() -> argparse.ArgumentParser:
         prog="parity",
         description="Layer-by-layer parity of the FMS Granite Speech model against the HF transformers reference.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{map,diff,recheck,check,report,compile-report,generate}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{map,diff,generate,compile-report,recheck,check,report}")
 
-    p_map = sub.add_parser("map", help="print the HF <-> FMS module-path map")
-    p_map.add_argument("--variant", default="tiny", help="config whose layer counts fill the map (default: tiny)")
-    p_map.add_argument("--expand", action="store_true", help="one row per concrete layer, in execution order")
+    p = sub.add_parser("map", help="print the HF <-> FMS module-path map")
+    p.add_argument("--variant", default=None, help="config whose layer counts fill the map (default: tiny)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="take the layer counts from DIR/config.json")
+    p.add_argument("--expand", action="store_true", help="one row per concrete layer, in execution order")
 
-    p_diff = sub.add_parser("diff", help="run both models and compare a layer and its sub-modules")
-    p_diff.add_argument("--layer", action="append", default=None, metavar="NAME",
-                        help="parity layer name, e.g. encoder.blocks.8 (repeatable; default: the whole model)")
-    p_diff.add_argument("--variant", default="tiny", help="named config for random weights (default: tiny)")
-    p_diff.add_argument("--checkpoint", default=None, metavar="DIR", help="HF-format checkpoint folder")
-    p_diff.add_argument("--audio", action="append", default=None, metavar="PATH",
-                        help="WAV file (repeatable; default: the shipped clip)")
-    p_diff.add_argument("--prompt", default=None, help="prompt with one <|audio|> per clip")
-    p_diff.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    p_diff.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p_diff.add_argument("--seed", type=int, default=0, help="weight seed for random weights (default: 0)")
-    p_diff.add_argument("--report-dir", default=None, metavar="DIR", help="where the report goes "
-                        "(default: parity-report/)")
-    p_diff.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU intra-op threads (default: torch's); 1 is fastest for the tiny model on a busy host")
-    p_diff.add_argument("--mode", default="eager", choices=("eager", "compiled", "drift"),
-                        help="eager: HF eager vs FMS eager (default); compiled: both sides torch.compile'd, FMS vs "
-                             "HF; drift: each side compiled vs itself eager (HF and FMS drift per layer). Compiled "
-                             "modes on the tiny encoder, 2-core CPU: ~35 s with --compile-backend eager (dynamo "
-                             "tracing of 16 blocks per side), " + _INDUCTOR_TIME + " with inductor (C++ codegen)")
-    p_diff.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
-                        help="torch.compile backend of --mode compiled/drift (default: inductor)")
-    p_diff.add_argument("--attribute", action="store_true",
-                        help="also run parity.attribution.attribute (eager): propagated vs introduced rel-L2 per "
-                             "block, first introducing layer; added to the report JSON and Markdown")
+    p = sub.add_parser("diff", help="run both models and compare a layer and its sub-modules",
+                       description="Run the HF reference and the FMS model (each on its own input pipeline) and "
+                                   "compare every layer: the propagated error (end to end) and the error each layer "
+                                   "introduces (the FMS module on HF's exact input). Audio: WAV / FLAC / OGG, 16 kHz "
+                                   "mono (resample and down-mix first, e.g. sox in.wav -r 16000 -c 1 out.wav).")
+    p.add_argument("--layer", action="append", default=None, metavar="NAME",
+                   help="parity layer name, e.g. encoder.blocks.8 (repeatable; default: the whole model)")
+    p.add_argument("--cases", default=None, metavar="NAME,...",
+                   help="run named edge cases instead of --audio (parity.inputs.CASES; `all` for every one)")
+    p.add_argument("--audio", action="append", default=None, metavar="PATH",
+                   help="16 kHz mono audio file (repeatable: one batch; default: the shipped clip)")
+    p.add_argument("--prompt", default=None, help="prompt with one <|audio|> per clip")
+    p.add_argument("--same-inputs", action="store_true",
+                   help="feed both models HF's processor output (compare the models alone, not the pipelines)")
+    _add_weights(p)
+    p.add_argument("--mode", default="eager", choices=_MODES,
+                   help="eager: HF eager vs FMS eager (default); compiled: both sides torch.compile'd, FMS vs HF; "
+                        f"drift: each side compiled vs itself eager ({_COMPILED_TIME})")
+    p.add_argument("--compile-backend", default="inductor", choices=_BACKENDS,
+                   help="torch.compile backend of --mode compiled/drift (default: inductor)")
+    p.add_argument("--reference", default="auto", choices=("auto", "float64", "flat"),
+                   help="bf16/fp16 bounds: from HF's own rounding against a float64 run (auto, float64) or the flat "
+                        "per-dtype tolerance (flat)")
+    p.add_argument("--memory", default="auto", choices=("auto", "together", "sequential"),
+                   help="hold both models at once, or one at a time (auto: one at a time when two would not fit)")
+    p.add_argument("--attribute", action="store_true", help="also print the attribution table (propagated vs "
+                                                            "introduced per row; always in the report JSON)")
+    p.add_argument("--report-dir", default=None, metavar="DIR", help="where the report goes (default: parity-report/)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the result JSON to PATH, or to stdout "
+                                                                "with `-` (the table is then not printed)")
 
-    p_re = sub.add_parser("recheck", help="re-judge a saved parity-report.json against new tolerances")
-    p_re.add_argument("report", metavar="REPORT.json")
+    p = sub.add_parser("generate", help="greedy generation on both models: first differing token, per-step logits")
+    p.add_argument("--audio", action="append", default=None, metavar="PATH",
+                   help="16 kHz mono audio file (repeatable: a batch; default: the shipped clip)")
+    p.add_argument("--text-only", action="store_true", help="no audio: a text prompt, LoRA adapter off on both sides")
+    p.add_argument("--prompt", default=None, help="prompt text (with one <|audio|> per clip unless --text-only)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--eos-token-id", type=int, default=None, help="stop id (default: none, generate all tokens)")
+    p.add_argument("--tied-head", action="store_true",
+                   help="random weights: keep the variant's tied LM head (a random model with a tied head repeats "
+                        "one token, so by default the check unties it)")
+    _add_weights(p)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON here (`-`: stdout)")
+
+    p = sub.add_parser("compile-report", help="torch._dynamo.explain of the whole FMS forward and its pieces: graphs, "
+                                              "breaks, ops, reasons; exit 1 on any graph break")
+    p.add_argument("--variant", default=None, help="named config for random weights (default: tiny)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    p.add_argument("--audio", default=None, metavar="PATH", help="16 kHz mono audio file (default: the shipped clip)")
+
+    p = sub.add_parser("recheck", help="re-judge a saved parity-report.json against new tolerances")
+    p.add_argument("report", metavar="REPORT.json")
     for flag in ("--atol", "--rtol", "--max-rel-l2", "--min-cosine"):
-        p_re.add_argument(flag, type=float, default=None)
-    p_re.add_argument("--layer", action="append", default=None, metavar="NAME", help="layers to show")
-    p_re.add_argument("--report-dir", default=None, metavar="DIR",
-                      help="write the rechecked report here (default: next to REPORT.json, suffixed -rechecked)")
-    p_check = sub.add_parser("check", help="pre-merge gate: run the CPU parity suite against parity/thresholds.json")
-    p_check.add_argument("--out", default="parity-report", metavar="DIR",
-                         help="report, JUnit XML and check verdict go here (default: parity-report/)")
-    p_check.add_argument("-n", "--workers", default="auto", help="pytest-xdist workers (default: auto; 0: none)")
-    p_check.add_argument("--thresholds", default=None, metavar="JSON", help="default: the committed parity/thresholds.json")
-    p_check.add_argument("--update-baseline", action="store_true",
-                         help="rewrite the thresholds from this run (only when every case passes)")
+        p.add_argument(flag, type=float, default=None)
+    p.add_argument("--layer", action="append", default=None, metavar="NAME", help="layers to show")
+    p.add_argument("--report-dir", default=None, metavar="DIR",
+                   help="write the rechecked report here (default: next to REPORT.json, suffixed -rechecked)")
 
-    p_cr = sub.add_parser("compile-report", help="torch._dynamo.explain of the FMS encoder, projector and decoder: "
-                                                 "graphs, breaks, ops, reasons; exit 1 on any graph break")
-    p_cr.add_argument("--variant", default="tiny", help="named config for random weights (default: tiny)")
-    p_cr.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
-    p_cr.add_argument("--audio", default=None, metavar="PATH", help="WAV file (default: the shipped clip)")
+    p = sub.add_parser("check", help="pre-merge gate: the CPU parity suite (named edge cases, fuzz) against "
+                                     "parity/thresholds.json")
+    p.add_argument("--out", default="parity-report", metavar="DIR",
+                   help="report, JUnit XML and check verdict go here (default: parity-report/)")
+    p.add_argument("-n", "--workers", default="auto", help="pytest-xdist workers (default: auto; 0: none)")
+    p.add_argument("--thresholds", default=None, metavar="JSON", help="default: the committed parity/thresholds.json")
+    p.add_argument("--update-baseline", action="store_true",
+                   help="rewrite the thresholds from this run (only when every case passes)")
+    p.add_argument("--quiet", action="store_true", help="no pytest output, only the verdict")
 
-    from parity.generation import add_cli as add_generate
-
-    add_generate(sub)
-
-    p_rep = sub.add_parser("report", help="regenerate the Markdown and PNG of a saved report from its JSON")
-    p_rep.add_argument("result", metavar="RESULT.json", help="parity-report.json or parity-suite.json")
-    p_rep.add_argument("--out", default=None, metavar="DIR", help="default: the JSON's folder")
+    p = sub.add_parser("report", help="regenerate the Markdown and PNG of a saved report from its JSON")
+    p.add_argument("result", metavar="RESULT.json", help="parity-report.json or parity-suite.json")
+    p.add_argument("--out", default=None, metavar="DIR", help="default: the JSON's folder")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code (0 pass, 1 fail, 2 usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse has printed its message
+    except SystemExit as exc:  # argparse has printed its message (or --help)
         return int(exc.code or 0)
+    commands = {"map": _cmd_map, "diff": _cmd_diff, "generate": _cmd_generate, "recheck": _cmd_recheck,
+                "check": _cmd_check, "report": _cmd_report, "compile-report": _cmd_compile_report}
     try:
-        if getattr(args, "func", None) is not None:  # sub-commands registered by other modules (generate)
-            return args.func(args)
-        return {"map": _cmd_map, "diff": _cmd_diff, "recheck": _cmd_recheck, "check": _cmd_check,
-                "report": _cmd_report, "compile-report": _cmd_compile_report}[args.command](args)
+        return commands[args.command](args, argv)
     except _UsageError as err:
         print(f"parity {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as err:  # noqa: BLE001 -- only dynamo's recompile limit is turned into a one-line error
         if not _is_recompile_limit(err):
             raise
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"parity {args.command}: error: torch.compile hit its recompile limit ({first}); compare fewer layers "
-              "(--layer) or use --mode eager", file=sys.stderr)
+        print(f"parity {args.command}: error: torch.compile hit its recompile limit ({_first_line(err)}); compare "
+              "fewer layers (--layer) or use --mode eager", file=sys.stderr)
         return EXIT_FAIL
 
 
@@ -141,132 +186,327 @@ def _is_recompile_limit(err: BaseException) -> bool:
     return cls is not None and isinstance(err, cls)
 
 
-# -- map --------------------------------------------------------------------------------------------------------------
+# -- checks that need no model (and no torch) -----------------------------------------------------------------------
 
 
-def _config(variant: str):
-    from fms_granite_speech.config import get_config
+def _counts(args, found: list[str]):
+    """The layer counts of the weights asked for (named variant or checkpoint config.json), checked."""
+    from parity.pathmap import VARIANT_LAYERS, counts_of_checkpoint
 
+    if getattr(args, "checkpoint", None):
+        if getattr(args, "variant", None):
+            found.append("give --variant or --checkpoint, not both")
+        folder = Path(args.checkpoint).expanduser()
+        if not folder.is_dir():
+            found.append(f"checkpoint folder not found: {args.checkpoint}" if not folder.exists()
+                         else f"--checkpoint {args.checkpoint} is a file, not a checkpoint folder")
+            return None
+        try:
+            return counts_of_checkpoint(folder)
+        except ValueError as err:
+            found.append(str(err))
+            return None
+    variant = args.variant or "tiny"
+    if variant not in VARIANT_LAYERS:
+        found.append(f"unknown Granite Speech variant {variant!r}; known variants: {', '.join(VARIANT_LAYERS)}")
+        return None
+    return VARIANT_LAYERS[variant]
+
+
+def _check_audio(paths, found: list[str]) -> None:
+    for path in paths or []:
+        p = Path(path)
+        if not p.exists():
+            found.append(f"audio file not found: {path}")
+        elif not p.is_file():
+            found.append(f"--audio {path} is a folder, not an audio file")
+
+
+def _check_common(args, found: list[str]) -> None:
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        found.append(f"--threads must be >= 1, got {args.threads}")
+    device = getattr(args, "device", "cpu")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        found.append(f"--device {device} is not supported; use cpu or cuda")
+
+
+def _check_out(path: Optional[str], flag: str, found: list[str]) -> None:
+    if path is None or path == "-":
+        return
+    from parity._atomic import ReportFolderError, check_writable
+
+    if flag == "--json":
+        target = Path(path)
+        if target.is_dir():
+            found.append(f"--json {path} is a folder; give a file path such as {target / 'result.json'}")
+            return
+        path = str(target.parent) if str(target.parent) else "."
     try:
-        return get_config(variant)
-    except ValueError as err:
-        raise _UsageError(str(err)) from None
+        check_writable(path)
+    except ReportFolderError as err:
+        found.append(f"{flag}: {err}")
 
 
-def _cmd_map(args) -> int:
+# -- map ----------------------------------------------------------------------------------------------------------
+
+
+def _cmd_map(args, argv) -> int:
+    from tabulate import tabulate
+
     from parity import pathmap
 
-    config = _config(args.variant)
+    found: list[str] = []
+    counts = _counts(args, found)
+    _problems(found)
+    source = f"checkpoint {args.checkpoint}" if args.checkpoint else (args.variant or "tiny")
     if args.expand:
-        rows = [(p.name, p.hf, p.fms or "<model output>", p.tensor, p.transform or "")
-                for p in pathmap.expand(config)]
-        print(tabulate(rows, headers=("parity name", "HF module", "FMS module", "tensor", "transform")))
+        rows = [(p.name, p.hf, p.fms or "<model output>", p.tensor, p.transform or "", p.kind or "")
+                for p in pathmap.expand(counts)]
+        print(tabulate(rows, headers=("parity name", "HF module", "FMS module", "tensor", "transform", "replay")))
     else:
-        counts = {"encoder.blocks": config.encoder.num_layers, "projector.layers": config.projector.num_layers,
-                  "decoder.layers": config.decoder.nlayers}
+        stacks = {"encoder.blocks": counts.encoder.num_layers, "projector.layers": counts.projector.num_layers,
+                  "decoder.layers": counts.decoder.nlayers}
 
         def index_range(name: str) -> str:
-            for prefix, n in counts.items():
+            for prefix, n in stacks.items():
                 if name.startswith(prefix + ".{}"):
                     return f"0..{n - 1}"
             return ""
 
-        rows = [(e.name, e.hf, e.fms or "<model output>", e.tensor, e.transform or "", index_range(e.name))
-                for e in pathmap.PATH_MAP]
-        print(f"HF <-> FMS path map ({args.variant}: {len(pathmap.expand(config))} comparable layers)")
-        print(tabulate(rows, headers=("parity name", "HF module", "FMS module", "tensor", "transform", "{}")))
+        rows = [(e.name, e.hf, e.fms or "<model output>", e.tensor, e.transform or "", e.kind or "", f"{e.factor:g}",
+                 index_range(e.name)) for e in pathmap.PATH_MAP]
+        print(f"HF <-> FMS path map ({source}: {len(pathmap.expand(counts))} comparable layers)")
+        print(tabulate(rows, headers=("parity name", "HF module", "FMS module", "tensor", "transform", "replay",
+                                      "bf16 factor", "{}")))
     print("\ntransforms (applied to the FMS tensor, stated in every report):")
     for name, text in pathmap.TRANSFORMS.items():
         print(f"  {name}: {text}")
     print("\nnot compared element-wise:")
     for e in pathmap.EXCLUDED:
         print(f"  {e.name}: {e.reason}")
+    print(f"\nreduced precision: introduced error within 'bf16 factor' x HF's own rounding against float64 (+ a floor), "
+          f"propagated within {pathmap.ROUNDING['propagated']:g} x HF's own drift; calibrated on: "
+          f"{pathmap.ROUNDING_MEASURED}")
     return EXIT_PASS
 
 
-# -- diff -------------------------------------------------------------------------------------------------------------
+# -- diff ---------------------------------------------------------------------------------------------------------
 
 
-def _cmd_diff(args) -> int:
-    from parity import pathmap
+def _check_diff(args) -> list[str]:
+    from parity.inputs import CASES
+    from parity.pathmap import UnknownLayerError, resolve
 
-    if args.checkpoint is None:  # fail fast on a bad layer name, before building any model
-        config = _config(args.variant)
+    found: list[str] = []
+    counts = _counts(args, found)
+    if counts is not None:
         for name in args.layer or []:
             try:
-                pathmap.resolve(name, config)
-            except pathmap.UnknownLayerError as err:
-                raise _UsageError(str(err)) from None
-    for path in args.audio or []:
-        if not Path(path).is_file():
-            raise _UsageError(f"audio file not found: {path}")
+                resolve(name, counts)
+            except UnknownLayerError as err:
+                found.append(str(err))
+    cases = None
+    if args.cases is not None:
+        cases = list(CASES) if args.cases.strip() == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = [c for c in cases if c not in CASES]
+        if unknown or not cases:
+            found.append(f"unknown case(s) {unknown or [args.cases]}; known: {', '.join(CASES)}, or all")
+        if args.audio or args.prompt:
+            found.append("--cases brings its own audio and prompts; drop --audio / --prompt")
+    _check_audio(args.audio, found)
+    _check_common(args, found)
+    _check_out(args.report_dir, "--report-dir", found)
+    _check_out(args.json, "--json", found)
+    if args.mode != "eager" and args.memory == "sequential":
+        found.append("--mode compiled/drift holds both models; drop --memory sequential")
+    if args.same_inputs and args.layer and all(n.startswith(("features", "input_ids")) for n in args.layer):
+        found.append("--same-inputs feeds both models one pipeline's output: there are no pipeline rows to compare")
+    _problems(found)
+    return cases
 
-    if args.threads is not None and args.threads < 1:
-        raise _UsageError(f"--threads must be >= 1, got {args.threads}")
 
+def _reproduce(argv: Sequence[str], threads: int) -> str:
+    words = list(argv)
+    if "--threads" not in words:
+        words += ["--threads", str(threads)]
+    return "parity " + shlex.join(words)
+
+
+def _cmd_diff(args, argv) -> int:
+    cases = _check_diff(args)
+    from parity.progress import reporter
+
+    progress = reporter("parity diff", quiet=args.quiet)
+    try:
+        return _run_diff(args, argv, cases, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _run_diff(args, argv, cases, progress) -> int:
     import torch
 
     from parity.compare import run_parity
-    from parity.pair import DEFAULT_PROMPT, build_inputs, build_pair
+    from parity.inputs import CASES, build_inputs
+    from parity.pair import build_pair
     from parity.report import (DEFAULT_REPORT_DIR, attribution_table, drift_table, format_table, summary_lines,
-                               write_report)
+                               write_report, write_suite_report)
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # from_pretrained's per-file progress bars would bury the table
-    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.report_dir or DEFAULT_REPORT_DIR)
     try:
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        pair = build_pair(variant=args.variant, checkpoint=args.checkpoint, seed=args.seed, dtype=args.dtype,
-                          device=args.device)
-        inputs = build_inputs(pair, audio=args.audio, prompt=args.prompt or DEFAULT_PROMPT)
-        result = run_parity(pair, inputs, layers=args.layer, mode=args.mode, compile_backend=args.compile_backend)
-        if args.attribute:
-            from parity.attribution import attribute
-
-            result.attribution = attribute(pair, inputs, layers=args.layer).to_dict()
-    except (ValueError, FileNotFoundError) as err:
-        raise _UsageError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
-    finally:
-        torch.set_num_threads(threads)
-
-    source = f"checkpoint {args.checkpoint}" if args.checkpoint else f"variant {args.variant}, seed {args.seed}"
+        if progress:
+            progress("building the models" if args.memory != "sequential" else "preparing the pair")
+        pair = build_pair(variant=args.variant or "tiny", checkpoint=args.checkpoint, seed=args.seed,
+                          dtype=args.dtype, device=args.device, memory=args.memory)
+        runs = []
+        for name in cases or [None]:
+            if progress and name:
+                progress(f"case {name}")
+            if name is None:
+                inputs = build_inputs(pair, audio=args.audio, prompt=args.prompt, same_inputs=args.same_inputs)
+            else:
+                inputs = CASES[name].inputs(pair, same_inputs=args.same_inputs)
+            layers = args.layer
+            if layers is None and not inputs.has_audio:
+                layers = ["input_ids", "decoder"]
+            result = run_parity(pair, inputs, layers=layers, mode=args.mode, compile_backend=args.compile_backend,
+                                reference=args.reference, progress=progress)
+            result.command = _reproduce(argv if name is None or len(cases) == 1 else
+                                        _with_case(argv, name), torch.get_num_threads())
+            runs.append((name, result))
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise _UsageError(_first_line(err)) from None
+    if progress:
+        progress("writing the report")
+    to_stdout = args.json == "-"
+    source = f"checkpoint {args.checkpoint}" if args.checkpoint else f"variant {args.variant or 'tiny'}, seed {args.seed}"
     mode = args.mode if args.mode == "eager" else f"{args.mode}, backend {args.compile_backend}"
-    print(f"parity diff {' '.join(args.layer or ['(whole model)'])}: {source}, {args.dtype} on {pair.device}, "
-          f"audio {', '.join(inputs.audio)}, mode {mode}")
-    print(drift_table(result) if result.mode == "drift" else format_table(result))
-    for line in summary_lines(result):
-        print(line)
-    if result.attribution is not None:
-        print(attribution_table(result.attribution))
-    for note in result.notes:
-        print(f"note: {note}")
+    for name, result in runs:
+        if to_stdout:
+            continue
+        label = f" case {name}:" if name else ""
+        print(f"parity diff{label} {' '.join(args.layer or ['(whole model)'])}: {source}, {args.dtype} on "
+              f"{pair.device}, audio {', '.join(result.inputs.get('audio') or ['(text only)'])}, mode {mode}")
+        print(drift_table(result) if result.mode == "drift" else format_table(result))
+        for line in summary_lines(result):
+            print(line)
+        if args.attribute:
+            from parity.attribution import from_result
+
+            print(attribution_table(from_result(result).to_dict()))
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"elapsed {result.elapsed_s:.1f} s, peak memory "
+              + ", ".join(f"{k} {v}" for k, v in result.peak_memory.items()))
+    if len(runs) == 1:
+        paths = write_report(runs[0][1], out_dir)
+    else:
+        paths = write_suite_report({name: r for name, r in runs}, out_dir)
+    if args.json:
+        payload = runs[0][1].to_json() if len(runs) == 1 else _suite_json(runs)
+        if to_stdout:
+            print(payload)
+        else:
+            Path(args.json).write_text(payload + "\n")
+    if not to_stdout:
+        print("report: " + " ".join(str(p) for p in paths))
+    return EXIT_PASS if all(r.passed for _, r in runs) else EXIT_FAIL
+
+
+def _with_case(argv: Sequence[str], name: str) -> list[str]:
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word == "--cases":
+            skip = True
+            continue
+        if word.startswith("--cases="):
+            continue
+        out.append(word)
+    return out + ["--cases", name]
+
+
+def _suite_json(runs) -> str:
+    import json
+
+    return json.dumps({"results": {name: r.to_dict() for name, r in runs}}, indent=1, allow_nan=False)
+
+
+# -- generate -------------------------------------------------------------------------------------------------------
+
+
+def _cmd_generate(args, argv) -> int:
+    found: list[str] = []
+    _counts(args, found)
+    if args.text_only and args.audio:
+        found.append("--text-only and --audio exclude each other")
+    if args.max_new_tokens < 1:
+        found.append(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.text_only and args.prompt and "<|audio|>" in args.prompt:
+        found.append("a --text-only prompt must not contain <|audio|>")
+    _check_audio(args.audio, found)
+    _check_common(args, found)
+    _check_out(args.json, "--json", found)
+    _problems(found)
+
+    import torch
+
+    from parity.generation import check_generation, format_table
+    from parity.progress import reporter
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    progress = reporter("parity generate", quiet=args.quiet)
     try:
-        json_path, md_path = write_report(result, args.report_dir or DEFAULT_REPORT_DIR)
-    except ValueError as err:
-        raise _UsageError(str(err)) from None
-    print(f"report: {json_path} {md_path}")
+        result, tokenizer, source = check_generation(
+            variant=args.variant or "tiny", checkpoint=args.checkpoint, seed=args.seed, dtype=args.dtype,
+            device=args.device, audio=args.audio, text_only=args.text_only, prompt=args.prompt,
+            max_new_tokens=args.max_new_tokens, eos_token_id=args.eos_token_id, tied_head=args.tied_head,
+            progress=progress)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise _UsageError(_first_line(err)) from None
+    finally:
+        if progress is not None:
+            progress.close()
+    if args.json == "-":
+        print(result.to_json())
+    else:
+        weights = f"checkpoint {args.checkpoint}" if args.checkpoint else \
+            f"variant {args.variant or 'tiny'}, seed {args.seed}"
+        print(f"parity generate: {weights}, {source}")
+        print(format_table(result, tokenizer=tokenizer))
+        if args.json:
+            Path(args.json).write_text(result.to_json() + "\n")
+            print(f"json: {args.json}")
     return EXIT_PASS if result.passed else EXIT_FAIL
 
 
 # -- compile-report -------------------------------------------------------------------------------------------------
 
 
-def _cmd_compile_report(args) -> int:
-    if args.audio is not None and not Path(args.audio).is_file():
-        raise _UsageError(f"audio file not found: {args.audio}")
-    _config(args.variant)
+def _cmd_compile_report(args, argv) -> int:
+    found: list[str] = []
+    _counts(args, found)
+    _check_audio([args.audio] if args.audio else None, found)
+    _problems(found)
+    from tabulate import tabulate
+
     from fms_granite_speech.compile import explain_graph_breaks
-    from parity.pair import DEFAULT_PROMPT, build_inputs, build_pair
+    from parity.inputs import build_inputs
+    from parity.pair import build_pair
 
     try:
-        pair = build_pair(variant=args.variant, seed=args.seed)
-        inputs = build_inputs(pair, audio=args.audio, prompt=DEFAULT_PROMPT)
+        pair = build_pair(variant=args.variant or "tiny", seed=args.seed)
+        inputs = build_inputs(pair, audio=args.audio, same_inputs=True)
         reports = explain_graph_breaks(pair.fms, inputs)
-    except (ValueError, FileNotFoundError) as err:
-        raise _UsageError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
-    print(f"parity compile-report: variant {args.variant}, seed {args.seed}, audio {', '.join(inputs.audio)}")
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise _UsageError(_first_line(err)) from None
+    print(f"parity compile-report: variant {args.variant or 'tiny'}, seed {args.seed}, audio {', '.join(inputs.audio)}")
     print(tabulate([r.row() for r in reports], headers=("piece", "graphs", "breaks", "ops", "reasons"),
                    disable_numparse=True))
     breaks = sum(r.graph_break_count for r in reports)
@@ -277,33 +517,50 @@ def _cmd_compile_report(args) -> int:
 # -- recheck ----------------------------------------------------------------------------------------------------------
 
 
-def _cmd_recheck(args) -> int:
-    from parity.compare import ParityResult, recheck
+def _cmd_recheck(args, argv) -> int:
+    found: list[str] = []
+    path = Path(args.report)
+    if not path.is_file():
+        found.append(f"report not found: {path}" if not path.exists() else f"{path} is a folder, not a report JSON")
+    for flag in ("atol", "rtol", "max_rel_l2", "min_cosine"):
+        value = getattr(args, flag)
+        if value is not None and not (value >= 0 or flag == "min_cosine"):
+            found.append(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    _check_out(args.report_dir, "--report-dir", found)
+    _problems(found)
+
+    from parity.compare import recheck
     from parity.metrics import Tolerance, default_tolerance
     from parity.pair import parse_dtype
     from parity.report import drift_table, format_table, summary_lines, write_report
+    from parity.result import ParityResult
 
-    path = Path(args.report)
-    if not path.is_file():
-        raise _UsageError(f"report not found: {path}")
     try:
         result = ParityResult.from_json(path.read_text())
         base = (Tolerance.from_dict(result.tolerance) if result.tolerance is not None
-                else default_tolerance(parse_dtype(result.provenance.get("dtype", "float32"))))
+                else default_tolerance(parse_dtype(result.provenance.get("dtype") or "float32")))
         overrides = {k: getattr(args, k) for k in ("atol", "rtol", "max_rel_l2", "min_cosine")
                      if getattr(args, k) is not None}
         tol = Tolerance(**{**base.to_dict(), **overrides})
-    except (ValueError, TypeError, KeyError) as err:
-        raise _UsageError(f"{path}: {err}") from None
+    except (ValueError, TypeError, KeyError, OSError, UnicodeDecodeError) as err:
+        raise _UsageError(f"{path}: {_first_line(err)}") from None
     new = recheck(result, tol)
     names = None
     if args.layer:
         names = [r.name for r in new.layers if any(r.name == n or r.name.startswith(n + ".") for n in args.layer)]
         if not names:
             raise _UsageError(f"none of {args.layer} is in {path}")
+        bare = [n for n in names if new.layer(n).diff is None]
+        if bare:
+            raise _UsageError(f"{', '.join(bare[:3])} in {path} have no statistics to re-judge (they failed without a "
+                              f"comparison: {new.layer(bare[0]).error}); re-run `parity diff`")
     print(drift_table(new, names) if new.mode == "drift" else format_table(new, names))
     for line in summary_lines(new):
         print(line)
+    unjudged = [r.name for r in new.layers if r.diff is None]
+    if unjudged:
+        print(f"not re-judged (no statistics, still failed): {', '.join(unjudged[:5])}"
+              + (f" and {len(unjudged) - 5} more" if len(unjudged) > 5 else ""))
     out_dir = args.report_dir or str(path.parent) + "-rechecked"
     try:
         json_path, md_path = write_report(new, out_dir)
@@ -313,29 +570,42 @@ def _cmd_recheck(args) -> int:
     shown = set(names or new.requested)
     # like ParityResult.passed (diff's exit code): in drift mode HF's own drift counts as well
     rows = [r for r in new.layers + new.hf_drift if r.name in shown]
-    return EXIT_PASS if all(r.passed for r in rows) else EXIT_FAIL
+    return EXIT_PASS if rows and all(r.passed for r in rows) else EXIT_FAIL
 
 
 # -- check / report ---------------------------------------------------------------------------------------------------
 
 
-def _cmd_check(args) -> int:
+def _cmd_check(args, argv) -> int:
+    found: list[str] = []
+    if args.thresholds is not None and not Path(args.thresholds).is_file() and not args.update_baseline:
+        found.append(f"thresholds file not found: {args.thresholds}")
+    _check_out(args.out, "--out", found)
+    if args.workers not in ("auto", "logical") and not str(args.workers).isdigit():
+        found.append(f"-n/--workers must be auto or a number, got {args.workers!r}")
+    _problems(found)
     from parity.check import run_check
 
     try:
         return run_check(out_dir=args.out, workers=args.workers, thresholds=args.thresholds,
-                         update_baseline=args.update_baseline)
+                         update_baseline=args.update_baseline, quiet=args.quiet)
     except (FileNotFoundError, ValueError) as err:
-        raise _UsageError(str(err)) from None
+        raise _UsageError(_first_line(err)) from None
 
 
-def _cmd_report(args) -> int:
+def _cmd_report(args, argv) -> int:
+    found: list[str] = []
+    src = Path(args.result)
+    if not src.is_file():
+        found.append(f"report JSON not found: {src}" if not src.exists() else f"{src} is a folder, not a report JSON")
+    _check_out(args.out, "--out", found)
+    _problems(found)
     from parity.report import regenerate
 
     try:
         paths = regenerate(args.result, args.out)
-    except (FileNotFoundError, ValueError) as err:
-        raise _UsageError(str(err)) from None
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise _UsageError(_first_line(err)) from None
     print("report: " + " ".join(str(p) for p in paths))
     return EXIT_PASS
 

@@ -16,15 +16,14 @@ drawn length from a drawn offset; nothing is synthesised.
 
 ``check_parity(pair, audio_batch)`` is the property: it runs ``compare.run_parity`` and raises ``AssertionError``
 naming the first divergent layer, so hypothesis shrinks a failure to the smallest failing length and batch.
-Profiles: ``ci`` (few examples) and ``nightly`` (thorough), chosen with ``HYPOTHESIS_PROFILE`` (``fuzz_settings``);
-examples that failed are kept in ``.hypothesis/examples`` between runs and replayed first.
+Profiles: ``ci`` (few examples, derandomized, no example database: the same examples every run) and ``nightly``
+(hundreds, random, failures kept in ``.hypothesis/examples`` and replayed first), chosen with ``HYPOTHESIS_PROFILE``
+(``fuzz_settings``). The named edge cases of ``parity.inputs.CASES`` run on every ``parity check`` besides.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -33,6 +32,8 @@ from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from fms_granite_speech.config import GraniteSpeechConfig
+from parity.inputs import (HOP_SAMPLES, MIN_SAMPLES, SAMPLES_PER_FRAME, SAMPLING_RATE, AudioClip, encoder_frames,
+                           make_waveform, samples_for_frames)
 
 __all__ = [
     "HOP_SAMPLES",
@@ -51,20 +52,19 @@ __all__ = [
     "samples_for_frames",
 ]
 
-HOP_SAMPLES = 160                   # samples per mel frame (feature extractor hop_length at 16 kHz)
-SAMPLES_PER_FRAME = 2 * HOP_SAMPLES  # one encoder frame = two stacked mel frames = 320 samples = 20 ms
-MIN_SAMPLES = 257                    # the extractor's reflect padding (n_fft // 2 = 256) needs more samples than that
-SAMPLING_RATE = 16_000
-
 EXAMPLE_DB = os.path.join(".hypothesis", "examples")
 
 # -- profiles -----------------------------------------------------------------------------------------------------------
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                                     HealthCheck.data_too_large])
-PROFILES = {"ci": dict(max_examples=8, **_COMMON), "nightly": dict(max_examples=300, **_COMMON)}
+# ci: the same examples every run (derandomize, no example database), so one tree always gets one verdict; the named
+# edge cases (parity.inputs.CASES) and the @examples of the suite run on top of them. nightly: random exploration,
+# failures kept in the example database and replayed first.
+PROFILES = {"ci": dict(max_examples=8, derandomize=True, database=None, **_COMMON),
+            "nightly": dict(max_examples=300, database=DirectoryBasedExampleDatabase(EXAMPLE_DB), **_COMMON)}
 for _name, _kw in PROFILES.items():
-    settings.register_profile(_name, database=DirectoryBasedExampleDatabase(EXAMPLE_DB), **_kw)
+    settings.register_profile(_name, **_kw)
 
 
 def fuzz_settings(profile: Optional[str] = None) -> settings:
@@ -84,30 +84,6 @@ def fuzz_settings(profile: Optional[str] = None) -> settings:
 
 
 # -- lengths --------------------------------------------------------------------------------------------------------
-
-
-def encoder_frames(samples: int) -> int:
-    """Encoder frames for ``samples`` of audio: ``(samples // 160 + 1) // 2`` (``features.audio_token_count``)."""
-    return (samples // HOP_SAMPLES + 1) // 2
-
-
-def samples_for_frames(frames: int, odd_mel: bool = False, offset: int = 0) -> int:
-    """A sample count giving exactly ``frames`` encoder frames.
-
-    ``frames`` encoder frames come from ``2*frames`` mel frames (``samples // 160 = 2*frames - 1``) or, with
-    ``odd_mel``, from ``2*frames + 1`` mel frames whose last one is dropped (``samples // 160 = 2*frames``).
-    ``offset`` (0..159 samples) moves within that hop. The result is raised to ``MIN_SAMPLES`` (which still gives one
-    frame) when smaller.
-
-    Raises:
-        ValueError: ``frames < 1`` or ``offset`` outside 0..159.
-    """
-    if frames < 1:
-        raise ValueError(f"frames must be >= 1 encoder frame, got {frames}")
-    if not 0 <= offset < HOP_SAMPLES:
-        raise ValueError(f"offset must be in 0..{HOP_SAMPLES - 1} samples, got {offset}")
-    hops = 2 * frames if odd_mel else 2 * frames - 1
-    return max(MIN_SAMPLES, hops * HOP_SAMPLES + offset)
 
 
 def edge_frame_counts(config: GraniteSpeechConfig, long_blocks: int = 3) -> list[int]:
@@ -140,42 +116,6 @@ def lengths(config: GraniteSpeechConfig, max_frames: Optional[int] = None) -> st
 
 
 # -- audio ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AudioClip:
-    """A crop of a shipped speech clip: ``samples`` samples from ``offset`` on, tiled when the clip is too short."""
-
-    name: str
-    offset: int
-    samples: int
-
-    def __repr__(self) -> str:  # what hypothesis prints in a falsifying example
-        return (f"AudioClip({self.name!r}, offset={self.offset}, samples={self.samples} "
-                f"= {encoder_frames(self.samples)} encoder frames)")
-
-
-@functools.lru_cache(maxsize=None)
-def _speech(name: str) -> torch.Tensor:
-    from fms_granite_speech.features import load_wav, shipped_audio
-
-    wav, sr = load_wav(shipped_audio(name))
-    if sr != SAMPLING_RATE:
-        raise ValueError(f"shipped clip {name!r} is {sr} Hz; the fuzzer expects {SAMPLING_RATE} Hz")
-    return wav.mean(dim=0)
-
-
-def make_waveform(clip: AudioClip) -> torch.Tensor:
-    """The float32 waveform [clip.samples] of ``clip``: the shipped speech read circularly from ``clip.offset``.
-
-    Raises:
-        ValueError: unknown clip name (from ``features.shipped_audio``) or ``samples < 1``.
-    """
-    if clip.samples < 1:
-        raise ValueError(f"an audio clip needs at least 1 sample, got {clip.samples}")
-    speech = _speech(clip.name)
-    index = (torch.arange(clip.samples) + clip.offset) % speech.numel()
-    return speech[index].to(torch.float32)
 
 
 def audio_clips(config: GraniteSpeechConfig, max_frames: Optional[int] = None) -> st.SearchStrategy[AudioClip]:
@@ -216,7 +156,7 @@ def check_parity(pair, audio_batch: Sequence[Union[AudioClip, torch.Tensor]],
         ValueError: an empty batch.
     """
     from parity.compare import run_parity
-    from parity.pair import build_inputs
+    from parity.inputs import build_inputs
 
     if not audio_batch:
         raise ValueError("audio_batch is empty; give at least one AudioClip or waveform")

@@ -20,35 +20,40 @@ Logits errors are measured on HF's scale (FMS logits multiplied by
 ``log_softmax(hf_logits / logits_scaling)`` and ``log_softmax(fms_logits)``, i.e. the distribution the released
 model was trained with (and FMS samples from).
 
-The result is plain data (``to_dict`` / ``from_dict`` / JSON), ``format_table`` renders it, ``add_cli`` registers
-``parity generate``.
+A token comparison proves something only when the continuation varies: a random-weight model with a tied LM head
+repeats one token (the current token's embedding dominates the last hidden state, and a tied head scores that same
+token highest), so ``check_generation`` (what ``parity generate`` runs) unties the head of random weights and requires
+at least ``MIN_DISTINCT`` distinct tokens in every row of HF's continuation; fewer fails the check, saying so.
+
+The result is plain data (``to_dict`` / ``from_dict`` / JSON) and ``format_table`` renders it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from tabulate import tabulate
 
+from parity._json import json_safe
 from parity.compare import apply_transform
 from parity.metrics import Tolerance, compare_tensors, default_tolerance
 
 __all__ = [
     "DEFAULT_TEXT_PROMPT",
+    "MIN_DISTINCT",
     "Divergence",
     "GenerationParity",
     "StepError",
-    "add_cli",
-    "cmd_generate",
+    "check_generation",
     "compare_generation",
     "format_table",
 ]
+
+MIN_DISTINCT = 8  # distinct tokens each row of the reference continuation needs (in 32 tokens) for a meaningful check
 
 DEFAULT_TEXT_PROMPT = (
     "<|start_of_role|>user<|end_of_role|>please write a sentence about the sea.<|end_of_text|>\n"
@@ -129,6 +134,17 @@ class GenerationParity:
     eos_token_id: Optional[int] = None
     pad_token_id: int = 0
     notes: list = field(default_factory=list)
+    required_distinct: Optional[int] = None
+
+    @property
+    def distinct_tokens(self) -> list:
+        """Distinct tokens of each row of HF's continuation."""
+        return [len(set(row)) for row in self.hf_tokens]
+
+    @property
+    def varied(self) -> bool:
+        """Every row of HF's continuation has ``required_distinct`` distinct tokens (True when not required)."""
+        return self.required_distinct is None or min(self.distinct_tokens, default=0) >= self.required_distinct
 
     @property
     def tokens_identical(self) -> bool:
@@ -147,13 +163,17 @@ class GenerationParity:
 
     @property
     def passed(self) -> bool:
-        """Tokens identical and every step's logits within tolerance."""
-        return self.tokens_identical and self.logits_passed
+        """Tokens identical, every step's logits within tolerance, and a continuation that varies (when required)."""
+        return self.tokens_identical and self.logits_passed and self.varied
 
     @property
     def verdict(self) -> str:
         """One line: identical, near-tie flip, or a real divergence, with the step."""
         d = self.divergence
+        if not self.varied:
+            return (f"inconclusive: HF's continuation has only {min(self.distinct_tokens)} distinct token(s) in a row "
+                    f"of {len(self.hf_tokens[0])}; a check needs {self.required_distinct}: give another --seed or "
+                    "--prompt")
         if d is None:
             if self.logits_passed:
                 steps = len(self.hf_tokens[0]) if self.hf_tokens else 0
@@ -172,7 +192,8 @@ class GenerationParity:
         out["steps"] = [dict(vars(s)) for s in self.steps]
         out["verdict"] = self.verdict
         out["passed"] = self.passed
-        return _json_safe(out)
+        out["distinct_tokens"] = self.distinct_tokens
+        return json_safe(out)
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         """``to_dict`` as strict JSON text (non-finite floats are written as the strings ``"nan"``/``"inf"``)."""
@@ -182,11 +203,11 @@ class GenerationParity:
     def from_dict(cls, data: Mapping[str, Any]) -> "GenerationParity":
         """Inverse of ``to_dict`` (derived fields ``verdict`` / ``passed`` are recomputed)."""
         kw = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        kw["steps"] = [StepError(**{**s, "rel_l2": _float(s["rel_l2"]), "max_abs": _float(s["max_abs"])})
+        kw["steps"] = [StepError(**{**s, "rel_l2": float(s["rel_l2"]), "max_abs": float(s["max_abs"])})
                        for s in data["steps"]]
         d = data.get("divergence")
         kw["divergence"] = None if d is None else Divergence(
-            **{**d, "hf_margin": _float(d["hf_margin"]), "fms_margin": _float(d["fms_margin"])})
+            **{**d, "hf_margin": float(d["hf_margin"]), "fms_margin": float(d["fms_margin"])})
         return cls(**kw)
 
     @classmethod
@@ -197,20 +218,6 @@ class GenerationParity:
             json.JSONDecodeError (a ValueError): not JSON. KeyError / TypeError: JSON that is not a saved result.
         """
         return cls.from_dict(json.loads(text))
-
-
-def _float(x: Any) -> float:
-    return float(x)
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 # -- the comparison --------------------------------------------------------------------------------------------------
@@ -408,75 +415,51 @@ def format_table(result: GenerationParity, tokenizer: Any = None, tablefmt: str 
     return "\n".join(lines)
 
 
-# -- command line ----------------------------------------------------------------------------------------------------
+# -- the check --------------------------------------------------------------------------------------------------------
 
 
-def add_cli(subparsers: Any) -> Any:
-    """Register ``generate`` on an ``argparse`` sub-parsers object; the handler is ``args.func`` (``cmd_generate``).
+def check_generation(variant: str = "tiny", checkpoint=None, seed: int = 0, dtype: str = "float32",
+                     device: str = "cpu", audio=None, text_only: bool = False, prompt: Optional[str] = None,
+                     max_new_tokens: int = 32, eos_token_id: Optional[int] = None, tied_head: bool = False,
+                     progress=None):
+    """The generation check ``parity generate`` runs: build the pair, the inputs, and ``compare_generation``.
 
-    ``parity generate [--variant tiny | --checkpoint DIR] [--audio PATH ...] [--text-only] [--prompt TEXT]
-    [--max-new-tokens N] [--eos-token-id ID] [--seed N] [--dtype ...] [--device ...] [--json PATH]``
+    Random weights get an untied LM head unless ``tied_head`` (see the module docstring), and the result requires
+    ``MIN_DISTINCT`` distinct tokens per row of HF's continuation (``GenerationParity.required_distinct``); a
+    checkpoint's continuation is not required to vary (its distinct counts are still reported).
+
+    Returns:
+        ``(GenerationParity, tokenizer, description of the inputs)``.
+
+    Raises:
+        ValueError / FileNotFoundError: bad weights, audio or prompt (one line, naming the problem).
     """
-    p = subparsers.add_parser("generate", help="greedy generation on both models: first differing token, per-step "
-                                               "logits error")
-    p.add_argument("--variant", default="tiny", help="named config for random weights (default: tiny)")
-    p.add_argument("--checkpoint", default=None, metavar="DIR", help="HF-format checkpoint folder")
-    p.add_argument("--audio", action="append", default=None, metavar="PATH",
-                   help="WAV file (repeatable: a batch; default: the shipped clip)")
-    p.add_argument("--text-only", action="store_true", help="no audio: a text prompt, LoRA adapter off on both sides")
-    p.add_argument("--prompt", default=None, help="prompt text (with one <|audio|> per clip unless --text-only)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--eos-token-id", type=int, default=None, help="stop id (default: none, generate all tokens)")
-    p.add_argument("--seed", type=int, default=0, help="weight seed for random weights (default: 0)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON here")
-    p.set_defaults(func=cmd_generate)
-    return p
+    from fms_granite_speech.config import get_config
+    from parity.inputs import build_inputs
+    from parity.pair import build_pair
 
-
-def cmd_generate(args: Any) -> int:
-    """Run ``parity generate``: exit 0 when tokens are identical and logits within tolerance, 1 otherwise, 2 for a
-    usage error (printed as one line on stderr)."""
-    try:
-        if args.text_only and args.audio:
-            raise ValueError("--text-only and --audio exclude each other")
-        if args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        if args.json and Path(args.json).is_dir():
-            raise ValueError(f"--json {args.json} is a folder; give a file path such as "
-                             f"{Path(args.json) / 'generation.json'}")
-        for path in args.audio or []:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"audio file not found: {path}")
-        from parity.pair import DEFAULT_PROMPT, build_inputs, build_pair
-
-        pair = build_pair(variant=args.variant, checkpoint=args.checkpoint, seed=args.seed, dtype=args.dtype,
-                          device=args.device)
-        if args.text_only:
-            text = args.prompt or DEFAULT_TEXT_PROMPT
-            if "<|audio|>" in text:
-                raise ValueError("a --text-only prompt must not contain <|audio|>")
-            enc = pair.get_tokenizer()([text], return_tensors="pt")
-            inputs: Any = {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
-            source = "text-only"
-        else:
-            inputs = build_inputs(pair, audio=args.audio, prompt=args.prompt or DEFAULT_PROMPT)
-            source = "audio " + ", ".join(inputs.audio)
-        result = compare_generation(pair.hf, pair.fms, inputs, max_new_tokens=args.max_new_tokens,
-                                    eos_token_id=args.eos_token_id)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"parity generate: error: {message}", file=sys.stderr)
-        return 2
-    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"variant {args.variant}, seed {args.seed}"
-    print(f"parity generate: {weights}, {source}")
-    print(format_table(result, tokenizer=pair.get_tokenizer()))
-    if args.json:
-        try:
-            Path(args.json).write_text(result.to_json())
-        except OSError as err:  # a folder, a missing parent, no permission
-            print(f"parity generate: error: cannot write --json {args.json}: {err.strerror or err}", file=sys.stderr)
-            return 2
-        print(f"json: {args.json}")
-    return 0 if result.passed else 1
+    if progress:
+        progress("building the models")
+    config = None
+    untie = False
+    if checkpoint is None and not tied_head:
+        config = get_config(variant)
+        untie = config.decoder.tie_heads
+        config = config.replace(decoder=config.decoder.updated(tie_heads=False))
+    pair = build_pair(variant=variant, checkpoint=checkpoint, seed=seed, dtype=dtype, device=device, memory="together",
+                      config=config)
+    inputs = build_inputs(pair, audio=audio, prompt=prompt, text_only=text_only, same_inputs=True)
+    source = "text-only" if text_only else "audio " + ", ".join(inputs.audio)
+    if progress:
+        progress("generating on both sides")
+    result = compare_generation(pair.hf, pair.fms, {"input_ids": inputs.input_ids,
+                                                    "attention_mask": inputs.attention_mask,
+                                                    "input_features": inputs.input_features,
+                                                    "input_features_mask": inputs.input_features_mask},
+                                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+    if checkpoint is None:
+        result.required_distinct = min(MIN_DISTINCT, max_new_tokens)
+    if untie:
+        result.notes.append("random weights with an untied LM head (a tied head on random weights repeats one "
+                            "token); --tied-head keeps the variant's")
+    return result, pair.get_tokenizer(), source

@@ -11,12 +11,15 @@ Everything is model-agnostic: the functions see two tensors of the same shape an
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["Tolerance", "TensorDiff", "default_tolerance", "compare_tensors", "DEFAULT_CHUNK_ELEMENTS"]
+from parity._json import from_json_float, json_float
+
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "REDUCED_PRECISION", "ROUNDING_FLOOR", "TensorDiff", "Tolerance",
+           "compare_tensors", "default_tolerance", "recheck_diff", "rounding_tolerance"]
 
 # Elements per chunk of the streaming reduction: 4 Mi elements -> 32 MiB per float64 temporary.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -122,14 +125,31 @@ def _looser(a: Tolerance, b: Tolerance) -> Tolerance:
                      max_rel_l2=max(a.max_rel_l2, b.max_rel_l2), min_cosine=min(a.min_cosine, b.min_cosine))
 
 
-def _json_float(x: Optional[float]) -> Any:
-    if x is None or math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+# Reduced precision: a layer's bound comes from the rounding error HF's own layer makes against float64 (see
+# rounding_tolerance); the floor keeps that bound above zero where HF's layer is exact (copies, gathers).
+REDUCED_PRECISION = (torch.bfloat16, torch.float16)
+ROUNDING_FLOOR = {torch.bfloat16: 2e-4, torch.float16: 2.5e-5}  # rel-L2; 1/20 of the unit roundoff 2**-8, 2**-11
 
 
-def _from_json_float(x: Any) -> Optional[float]:
-    return None if x is None else float(x)
+def rounding_tolerance(hf_rounding: float, factor: float, dtype: torch.dtype) -> Tolerance:
+    """The bound of one layer in reduced precision, from what HF's own layer loses to rounding.
+
+    ``max_rel_l2 = factor * hf_rounding + ROUNDING_FLOOR[dtype]`` where ``hf_rounding`` is the rel-L2 of HF's layer
+    in ``dtype`` against the same layer in float64 on the same input (or, for an end-to-end comparison, HF's own
+    drift from its float64 run). The element-wise branch is off (``atol = rtol = 0``: only an exact match passes
+    it), because ``torch.testing``'s bf16 ``rtol`` of 1.6e-2 would pass a kernel change far larger than a layer's
+    rounding. ``factor`` is per path-map row (``pathmap.ROUNDING``, with the figures it was calibrated on).
+
+    Raises:
+        ValueError: ``dtype`` is not bfloat16 / float16, or ``hf_rounding`` / ``factor`` is negative or not finite.
+    """
+    if dtype not in ROUNDING_FLOOR:
+        raise ValueError(f"rounding_tolerance applies to {', '.join(map(str, REDUCED_PRECISION))}, not {dtype}")
+    for name, value in (("hf_rounding", hf_rounding), ("factor", factor)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    bound = factor * hf_rounding + ROUNDING_FLOOR[dtype]
+    return Tolerance(atol=0.0, rtol=0.0, max_rel_l2=bound, min_cosine=max(-1.0, 1.0 - bound))
 
 
 @dataclass
@@ -152,7 +172,9 @@ class TensorDiff:
         worst_index: index (tuple, one entry per dim) of the element with the largest ``|test - ref|``;
             None when no finite pair exists.
         worst_test, worst_ref: the two values at ``worst_index``.
-        n_mismatched: number of elements violating ``|test - ref| <= atol + rtol * |ref|``.
+        n_mismatched: number of elements violating ``|test - ref| <= atol + rtol * |ref|`` (the tolerance's bounds).
+        mismatched: number of elements ``torch.testing.assert_close`` would report as mismatched with its default
+            ``atol`` / ``rtol`` for the reference dtype (what the report shows as "mismatched elements").
         numel: number of elements.
         test_nan, test_inf, ref_nan, ref_inf: non-finite element counts on each side.
         passed: verdict of the rule in :func:`compare_tensors`.
@@ -175,6 +197,7 @@ class TensorDiff:
     worst_test: Optional[float]
     worst_ref: Optional[float]
     n_mismatched: int
+    mismatched: int
     test_nan: int
     test_inf: int
     ref_nan: int
@@ -199,7 +222,7 @@ class TensorDiff:
             if name == "tolerance":
                 value = value.to_dict()
             elif isinstance(value, float):
-                value = _json_float(value)
+                value = json_float(value)
             elif isinstance(value, (tuple, list)):
                 value = list(value)
             out[name] = value
@@ -213,10 +236,11 @@ class TensorDiff:
             KeyError: a field is missing from ``data``.
         """
         kw = dict(data)
+        kw.setdefault("mismatched", kw.get("n_mismatched", 0))
         kw["shape"] = tuple(kw["shape"])
         kw["worst_index"] = None if kw["worst_index"] is None else tuple(kw["worst_index"])
         for name in ("max_abs", "mean_abs", "rel_l2", "cosine", "worst_test", "worst_ref"):
-            kw[name] = _from_json_float(kw[name])
+            kw[name] = from_json_float(kw[name])
         kw["tolerance"] = Tolerance.from_dict(kw["tolerance"])
         kw["notes"] = list(kw.get("notes", []))
         return cls(**kw)
@@ -331,6 +355,9 @@ def compare_tensors(test: torch.Tensor, ref: torch.Tensor, tol: Optional[Toleran
     sum_abs, sum_d2, sum_t2, sum_r2, sum_tr = zero(), zero(), zero(), zero(), zero()
     n_finite = 0
     n_mismatched = 0
+    mismatched = 0
+    close = _looser(default_tolerance(ref.dtype), default_tolerance(test.dtype)) if ref.dtype.is_floating_point \
+        else _EXACT
     test_nan = test_inf = ref_nan = ref_inf = inf_mismatch = 0
     max_abs, worst_flat = -1.0, None
     max_ulp = 0
@@ -362,6 +389,7 @@ def compare_tensors(test: torch.Tensor, ref: torch.Tensor, tol: Optional[Toleran
         sum_r2 += r64.square().sum()
         sum_tr += (t64 * r64).sum()
         n_mismatched += int((diff > tol.atol + tol.rtol * r64.abs()).sum())
+        mismatched += int((diff > close.atol + close.rtol * r64.abs()).sum())
         chunk_max, chunk_arg = diff.max(dim=0)
         chunk_max = float(chunk_max)
         if chunk_max > max_abs:
@@ -402,27 +430,79 @@ def compare_tensors(test: torch.Tensor, ref: torch.Tensor, tol: Optional[Toleran
         failures.append(f"NaN present (test {test_nan}, ref {ref_nan})")
     if inf_mismatch:
         failures.append(f"{inf_mismatch} inf element(s) not matched by the same inf on the other side")
-    allclose_ok = n_mismatched == 0
-    l2_ok = rel_l2 <= tol.max_rel_l2 and cosine >= tol.min_cosine
-    criterion = None
-    if not failures:
-        if allclose_ok:
-            criterion = "allclose"
-        elif l2_ok:
-            criterion = "rel_l2"
-        else:
-            failures.append(f"{n_mismatched}/{n_finite} elements exceed atol {tol.atol:g} + rtol {tol.rtol:g}*|ref| "
-                            f"(max_abs {max_abs:.3g} at {worst_index})")
-            if rel_l2 > tol.max_rel_l2:
-                failures.append(f"rel_l2 {rel_l2:.3g} > max_rel_l2 {tol.max_rel_l2:g}")
-            if cosine < tol.min_cosine:
-                failures.append(f"cosine {cosine:.9g} < min_cosine {tol.min_cosine:.9g}")
-    passed = not failures
+    passed, criterion, reason = _verdict(failures, n_mismatched == 0, rel_l2, cosine, tol,
+                                         f"{n_mismatched}/{n_finite} elements exceed", max_abs, worst_index)
     return TensorDiff(
         shape=shape, dtype=str(ref.dtype), test_dtype=str(test.dtype), numel=numel,
         max_abs=float(max_abs), mean_abs=float(mean_abs), rel_l2=float(rel_l2), cosine=float(cosine),
         max_ulp=int(max_ulp), worst_index=worst_index, worst_test=worst_test, worst_ref=worst_ref,
-        n_mismatched=n_mismatched, test_nan=test_nan, test_inf=test_inf, ref_nan=ref_nan, ref_inf=ref_inf,
-        passed=passed, criterion=criterion if passed else None, reason=None if passed else "; ".join(failures),
-        tolerance=tol, notes=notes,
+        n_mismatched=n_mismatched, mismatched=mismatched, test_nan=test_nan, test_inf=test_inf, ref_nan=ref_nan,
+        ref_inf=ref_inf, passed=passed, criterion=criterion, reason=reason, tolerance=tol, notes=notes,
     )
+
+
+def _verdict(failures: list[str], allclose: Optional[bool], rel_l2: float, cosine: float, tol: Tolerance,
+             count: str, max_abs: float, worst_index) -> tuple[bool, Optional[str], Optional[str]]:
+    """THE pass/fail rule (``compare_tensors`` and ``recheck_diff`` both use it): ``(passed, criterion, reason)``.
+
+    ``failures`` are the non-finite problems already found (they fail whatever the bounds). Otherwise the element-wise
+    test passes (``allclose``; None: undecidable from saved statistics) or the rel-L2 / cosine test does.
+    """
+    failures = list(failures)
+    if not failures:
+        if allclose:
+            return True, "allclose", None
+        if rel_l2 <= tol.max_rel_l2 and cosine >= tol.min_cosine:
+            return True, "rel_l2", None
+        if allclose is None:
+            failures.append(f"undetermined: the element-wise bound atol {tol.atol:g} + rtol {tol.rtol:g}*|ref| cannot "
+                            "be decided from saved statistics; re-run the comparison")
+        else:
+            failures.append(f"{count} atol {tol.atol:g} + rtol {tol.rtol:g}*|ref| (max_abs {max_abs:.3g} at "
+                            f"{worst_index})")
+        if rel_l2 > tol.max_rel_l2:
+            failures.append(f"rel_l2 {rel_l2:.3g} > max_rel_l2 {tol.max_rel_l2:.3g}")
+        if cosine < tol.min_cosine:
+            failures.append(f"cosine {cosine:.9g} < min_cosine {tol.min_cosine:.9g}")
+    return False, None, "; ".join(failures)
+
+
+def recheck_diff(d: TensorDiff, tol: Tolerance) -> TensorDiff:
+    """``d`` judged against ``tol`` from its saved statistics, by the rule of ``compare_tensors`` (``_verdict``).
+
+    The rel-L2 / cosine branch is re-evaluated exactly. The element-wise branch
+    (``|test - ref| <= atol + rtol * |ref|`` everywhere) is decided from the statistics when they settle it: same
+    atol/rtol as saved (the saved mismatch count holds), ``max_abs <= atol`` (every element passes), a looser bound
+    than saved with no saved mismatch, a tighter one with saved mismatches, or the worst element itself violating
+    the new bound. Otherwise it cannot be decided without the tensors: the layer fails with a reason starting
+    ``undetermined`` (re-run to decide), never passed on a guess.
+
+    Raises:
+        TypeError: ``tol`` is not a ``Tolerance``.
+    """
+    if not isinstance(tol, Tolerance):
+        raise TypeError(f"recheck needs a parity.metrics.Tolerance, got {type(tol).__name__}")
+    old = d.tolerance
+    failures = []
+    if d.test_nan or d.ref_nan:
+        failures.append(f"NaN present (test {d.test_nan}, ref {d.ref_nan})")
+    if (d.test_inf or d.ref_inf) and d.reason and "inf element" in d.reason:
+        failures.append(next(s for s in d.reason.split("; ") if "inf element" in s))
+    if d.max_abs <= tol.atol:
+        allclose: Optional[bool] = True
+    elif tol.atol == old.atol and tol.rtol == old.rtol:
+        allclose = d.n_mismatched == 0
+    elif d.worst_ref is not None and d.max_abs > tol.atol + tol.rtol * abs(d.worst_ref):
+        allclose = False
+    elif d.n_mismatched == 0 and tol.atol >= old.atol and tol.rtol >= old.rtol:
+        allclose = True
+    elif d.n_mismatched > 0 and tol.atol <= old.atol and tol.rtol <= old.rtol:
+        allclose = False
+    else:
+        allclose = None
+    passed, criterion, reason = _verdict(failures, allclose, d.rel_l2, d.cosine, tol, "elements exceed", d.max_abs,
+                                         d.worst_index)
+    notes = list(d.notes)
+    if (tol.atol, tol.rtol) != (old.atol, old.rtol):
+        notes.append(f"rechecked; n_mismatched was counted at atol {old.atol:g}, rtol {old.rtol:g}")
+    return replace(d, passed=passed, criterion=criterion, reason=reason, tolerance=tol, notes=notes)

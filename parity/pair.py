@@ -1,32 +1,42 @@
-"""The two models under comparison, holding the same weights, and the inputs both of them are fed.
+"""The two models under comparison, holding the same weights, built together or one at a time.
 
-``build_pair()`` makes the HF reference (``transformers.GraniteSpeechForConditionalGeneration``) and the FMS model
-(``fms_granite_speech.model.GraniteSpeech``) from one set of weights:
+``build_pair()`` describes the HF reference (``transformers.GraniteSpeechForConditionalGeneration``) and the FMS model
+(``fms_granite_speech.model.GraniteSpeech``) with one set of weights:
 
 * default (no checkpoint): the HF model with seeded, realistic random weights (``testing.build_hf_model``, a
-  non-zero LoRA adapter included), converted into the FMS model by the adapter registered with FMS
-  (``fms.utils.serialization.load_state_dict_into_model(..., "granite_speech", "hf")``), i.e. the real loading code;
+  non-zero LoRA adapter included), converted into the FMS model by the adapter registered with FMS: the real loading
+  code (``fms.utils.serialization.load_state_dict_into_model(..., "granite_speech", "hf")`` from HF's state dict when
+  both models are held together, ``checkpoint.load_checkpoint`` of the HF folder ``save_pretrained`` wrote when they
+  are built one at a time);
 * ``checkpoint=DIR``: HF loads the folder with ``from_pretrained`` (and its peft adapter when the folder has one),
-  FMS with ``fms_granite_speech.checkpoint.load_checkpoint(DIR)``.
+  FMS with ``fms_granite_speech.checkpoint.load_checkpoint(DIR)``; the folder is checked first
+  (``folder.check_checkpoint_folder``: safetensors only, one weight set), so neither side reads a pickle or a stale
+  shard.
 
-Both are put in ``eval()`` (dropout off, BatchNorm on running statistics), in the same dtype, on the same device.
-``build_inputs()`` turns audio + a prompt into the one set of tensors both models get.
+Both are built in the dtype asked (never a float32 copy first), in ``eval()``, on the same device.
+
+Memory (``memory=``): ``"together"`` builds both models at once; ``"sequential"`` builds one at a time (``get`` /
+``release``): the engine runs HF, keeps what the comparison needs, frees HF, then builds FMS, so a run needs one
+model's memory; ``"auto"`` (the CLI's default) picks ``sequential`` when two weight sets would not fit in the memory
+available (``/proc/meminfo`` MemAvailable, or the free CUDA memory).
 """
 
 from __future__ import annotations
 
+import gc
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from fms_granite_speech.config import GraniteSpeechConfig, get_config
+from parity.inputs import DEFAULT_PROMPT, ParityInputs, build_inputs
 
-__all__ = ["DEFAULT_PROMPT", "DTYPES", "ModelPair", "ParityInputs", "build_inputs", "build_pair", "parse_dtype"]
-
-DEFAULT_PROMPT = "USER: <|audio|> can you transcribe the speech? ASSISTANT:"
+__all__ = ["DEFAULT_PROMPT", "DTYPES", "MEMORY_MODES", "ModelPair", "ParityInputs", "available_memory", "build_inputs",
+           "build_pair", "parse_dtype", "weight_bytes"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -38,6 +48,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
     "fp64": torch.float64,
 }
+MEMORY_MODES = ("auto", "together", "sequential")
 
 
 def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
@@ -65,21 +76,50 @@ def _parse_device(device: Union[str, torch.device]) -> torch.device:
     return dev
 
 
+def weight_bytes(config: GraniteSpeechConfig, dtype: torch.dtype) -> int:
+    """Bytes of one model's weights in ``dtype`` (FMS model built on the meta device; tied weights counted once)."""
+    from fms_granite_speech.model import GraniteSpeech
+
+    with torch.device("meta"):
+        model = GraniteSpeech(config)
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes available for new tensors on ``device`` (CPU: MemAvailable of /proc/meminfo; CUDA: free memory), or
+    None when it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 @dataclass
 class ModelPair:
     """The HF reference and the FMS model, same weights, same dtype and device, both in eval mode.
 
+    ``hf`` / ``fms`` hold the built models (None while not built: ``get(side)`` builds, ``release(side)`` frees);
+    in ``sequential`` memory mode the engine never holds both at once.
+
     Attributes:
-        hf: ``GraniteSpeechForConditionalGeneration`` (with a peft LoRA adapter when the config has one).
-        fms: ``fms_granite_speech.model.GraniteSpeech``.
-        config: the ``GraniteSpeechConfig`` both were built for.
+        hf: ``GraniteSpeechForConditionalGeneration`` (with a peft LoRA adapter when the config has one), or None.
+        fms: ``fms_granite_speech.model.GraniteSpeech``, or None.
+        config: the ``GraniteSpeechConfig`` both are built for.
+        dtype, device: of both models.
         variant: the named variant (None for a checkpoint), checkpoint: the folder (None for random weights).
         seed: the weight seed of a random-weight pair (None for a checkpoint).
-        tokenizer: the tokenizer ``build_inputs`` uses (the checkpoint's, else ``build_test_tokenizer``).
+        tokenizer: the tokenizer the inputs are built with (the checkpoint's, else ``build_test_tokenizer``).
+        memory: ``"together"`` or ``"sequential"``.
     """
 
-    hf: nn.Module
-    fms: nn.Module
+    hf: Optional[nn.Module]
+    fms: Optional[nn.Module]
     config: GraniteSpeechConfig
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -87,20 +127,23 @@ class ModelPair:
     checkpoint: Optional[str] = None
     seed: Optional[int] = None
     tokenizer: Any = None
+    memory: str = "together"
+    _folder: Any = field(default=None, repr=False)  # a temporary HF folder of random weights (sequential mode)
 
     def provenance(self) -> dict:
         """JSON-safe description of where the weights came from and how both models run."""
-        has_lora = bool(getattr(self.hf, "_hf_peft_config_loaded", False))
         return {
             "variant": self.variant,
             "checkpoint": self.checkpoint,
             "weights": "checkpoint" if self.checkpoint else f"seeded random (testing.build_hf_model, seed {self.seed})",
-            "conversion": "fms_granite_speech.checkpoint.load_checkpoint" if self.checkpoint
+            "conversion": "fms_granite_speech.checkpoint.load_checkpoint"
+            if self.checkpoint or self.memory == "sequential"
             else 'fms load_state_dict_into_model(..., "granite_speech", "hf")',
             "seed": self.seed,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
-            "lora": None if not has_lora or self.config.lora is None else {
+            "memory": self.memory,
+            "lora": None if self.config.lora is None else {
                 "rank": self.config.lora.rank, "alpha": self.config.lora.alpha,
                 "targets": list(self.config.lora.target_modules)},
         }
@@ -113,6 +156,60 @@ class ModelPair:
             self.tokenizer = build_test_tokenizer(self.config.decoder.src_vocab_size, self.config.audio_token_index)
         return self.tokenizer
 
+    # -- building one side ---------------------------------------------------------------------------------------
+
+    def get(self, side: str) -> nn.Module:
+        """The model of ``side`` (``"hf"`` or ``"fms"``), built when not held."""
+        if side == "hf":
+            if self.hf is None:
+                self.hf = self._build_hf()
+            return self.hf
+        if self.fms is None:
+            self.fms = self._build_fms()
+        return self.fms
+
+    def release(self, side: str) -> None:
+        """Free the model of ``side`` (it is built again by ``get``)."""
+        if side == "hf":
+            self.hf = None
+        else:
+            self.fms = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _build_hf(self) -> nn.Module:
+        if self.checkpoint is not None:
+            return _hf_from_checkpoint(Path(self.checkpoint), self.dtype, self.device)
+        from fms_granite_speech.testing import build_hf_model, write_hf_checkpoint
+
+        hf = build_hf_model(self.config, seed=self.seed, dtype=self.dtype, device=self.device)
+        if self.memory == "sequential" and self._folder is None:
+            # FMS is built after HF is freed: from the HF folder save_pretrained writes, through the real loader
+            self._folder = tempfile.TemporaryDirectory(prefix="parity-weights-")
+            write_hf_checkpoint(hf, self._folder.name)
+        return hf
+
+    def _build_fms(self) -> nn.Module:
+        from fms_granite_speech.checkpoint import load_checkpoint
+
+        if self.checkpoint is not None:
+            return load_checkpoint(self.checkpoint, dtype=self.dtype, device=self.device).eval()
+        if self.hf is None and self._folder is not None:
+            return load_checkpoint(self._folder.name, dtype=self.dtype, device=self.device).eval()
+        from fms.utils.serialization import load_state_dict_into_model
+
+        from fms_granite_speech.model import GraniteSpeech
+
+        hf = self.get("hf")
+        # Built on the meta device, as FMS's get_model does: every tensor must then come from the HF state dict, and
+        # post_init() refuses a model with a tensor no key filled (the adapter's last step refuses unknown keys).
+        with torch.device("meta"):
+            fms = GraniteSpeech(self.config)
+        load_state_dict_into_model(fms, dict(hf.state_dict()), "granite_speech", "hf")
+        fms.post_init()
+        return fms.to(device=self.device).eval()
+
 
 def build_pair(
     variant: str = "tiny",
@@ -120,168 +217,79 @@ def build_pair(
     seed: int = 0,
     dtype: Union[str, torch.dtype] = torch.float32,
     device: Union[str, torch.device] = "cpu",
+    memory: str = "together",
+    config: Optional[GraniteSpeechConfig] = None,
 ) -> ModelPair:
-    """Build the HF reference and the FMS model with the same weights.
+    """The HF reference and the FMS model with the same weights.
 
     Args:
         variant: named config (``tiny``, ``3.3-2b``, ``3.3-8b``) for random weights; ignored with ``checkpoint``.
         checkpoint: an HF-format Granite Speech folder (``config.json`` + safetensors, optional peft adapter).
         seed: weight seed for random weights.
-        dtype: both models' dtype (weights are made in float32 and cast, so both sides round identically).
+        dtype: both models' dtype (built directly in it; both sides hold the same values).
         device: ``cpu`` or ``cuda``.
+        memory: ``together`` (both models built now), ``sequential`` (built one at a time by the engine) or
+            ``auto`` (sequential when two weight sets would not fit in the memory available).
+        config: random weights for this config instead of the variant's (``variant`` names it in reports).
 
     Raises:
-        ValueError: unknown variant or dtype, CUDA requested without CUDA, a folder that is not an HF Granite
-            Speech checkpoint.
+        ValueError: unknown variant, dtype or memory mode, CUDA requested without CUDA, a folder that is not an HF
+            Granite Speech checkpoint (the message names the file and the fix).
         FileNotFoundError: ``checkpoint`` does not exist.
     """
     dtype = parse_dtype(dtype)
     dev = _parse_device(device)
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory={memory!r}; use one of {', '.join(MEMORY_MODES)}")
+    tokenizer = None
     if checkpoint is not None:
-        return _pair_from_checkpoint(Path(checkpoint), dtype, dev)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    config = get_config(variant)
+        from fms_granite_speech.checkpoint import read_config
+        from fms_granite_speech.folder import check_checkpoint_folder
+        from fms_granite_speech.lora import read_lora_config
 
-    from fms.utils.serialization import load_state_dict_into_model
+        path = check_checkpoint_folder(checkpoint)
+        config = read_config(path, None, read_lora_config(path))
+        tokenizer = _tokenizer(path)
+        variant, seed = None, None
+    else:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        named = get_config(variant)
+        config = named if config is None else config
+    if memory == "auto":
+        need = 2 * weight_bytes(config, dtype)
+        free = available_memory(dev)
+        memory = "sequential" if free is not None and need * 1.2 > free else "together"
+    pair = ModelPair(hf=None, fms=None, config=config, dtype=dtype, device=dev, variant=variant,
+                     checkpoint=None if checkpoint is None else str(checkpoint), seed=seed, tokenizer=tokenizer,
+                     memory=memory)
+    if memory == "together":
+        pair.get("hf")
+        pair.get("fms")
+    return pair
 
-    from fms_granite_speech.model import GraniteSpeech
-    from fms_granite_speech.testing import build_hf_model
 
-    hf = build_hf_model(config, seed=seed, dtype=torch.float32, device="cpu")
-    # Built on the meta device, as FMS's get_model does: every tensor must then come from the HF state dict, and
-    # post_init() refuses a model with a tensor no key filled (the adapter's last step refuses unknown keys).
-    with torch.device("meta"):
-        fms = GraniteSpeech(config)
-    load_state_dict_into_model(fms, dict(hf.state_dict()), "granite_speech", "hf")
-    fms.post_init()
-    hf = hf.to(device=dev, dtype=dtype).eval()
-    fms = fms.to(device=dev, dtype=dtype).eval()
-    return ModelPair(hf=hf, fms=fms, config=config, dtype=dtype, device=dev, variant=variant, seed=seed)
+def _tokenizer(path: Path):
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"cannot load the tokenizer of {path}: {str(err).splitlines()[0]}") from None
 
 
-def _pair_from_checkpoint(path: Path, dtype: torch.dtype, device: torch.device) -> ModelPair:
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint folder not found: {path}")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not an HF checkpoint folder (no config.json); give the folder save_pretrained "
-                         "wrote or a downloaded ibm-granite/granite-speech-3.3-* snapshot")
-    import json
-
+def _hf_from_checkpoint(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
     from transformers import GraniteSpeechForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
-    from fms_granite_speech.checkpoint import load_checkpoint
-
+    hf_logging.disable_progress_bar()  # from_pretrained's per-file bars would bury the parity output
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (json.JSONDecodeError, OSError) as err:
-        raise ValueError(f"{path / 'config.json'} is not readable JSON: {err}") from None
-    if model_type != "granite_speech":
-        raise ValueError(f"{path} holds a {model_type!r} checkpoint, not granite_speech")
-    try:
-        hf = GraniteSpeechForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
+        hf = GraniteSpeechForConditionalGeneration.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ValueError(f"transformers cannot load {path}: {str(err).splitlines()[0]}") from None
     if (path / "adapter_config.json").is_file() and not getattr(hf, "_hf_peft_config_loaded", False):
         hf.load_adapter(str(path))
-    fms = load_checkpoint(path, dtype=dtype, device=device)
-    config = fms.config
-    tokenizer = None
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+    return hf.to(device=device).eval()
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    hf = hf.to(device=device, dtype=dtype).eval()
-    fms = fms.to(device=device, dtype=dtype).eval()
-    return ModelPair(hf=hf, fms=fms, config=config, dtype=dtype, device=device, checkpoint=str(path),
-                     tokenizer=tokenizer)
-
-
-# -- inputs -----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ParityInputs:
-    """One set of inputs for both models.
-
-    Attributes:
-        input_ids: int64 [B, L] prompt tokens, each ``<|audio|>`` expanded to its clip's audio-token count.
-        input_features: [B, T, 160] stacked log-mels in the pair's dtype (T encoder frames of 20 ms), or None for
-            text-only inputs.
-        input_features_mask: bool [B, N] real audio tokens per clip, or None.
-        audio: description of each clip (file path or ``tensor[samples]``).
-        prompt: the prompt text(s) before expansion.
-    """
-
-    input_ids: torch.Tensor
-    input_features: Optional[torch.Tensor] = None
-    input_features_mask: Optional[torch.Tensor] = None
-    audio: list[str] = field(default_factory=list)
-    prompt: Optional[Union[str, list[str]]] = None
-
-    def describe(self) -> dict:
-        """JSON-safe summary: audio sources, prompt, tensor shapes and dtypes."""
-        def shape(t):
-            return None if t is None else {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-
-        return {"audio": list(self.audio), "prompt": self.prompt, "input_ids": shape(self.input_ids),
-                "input_features": shape(self.input_features),
-                "input_features_mask": shape(self.input_features_mask),
-                "audio_tokens": None if self.input_features_mask is None
-                else [int(n) for n in self.input_features_mask.sum(dim=1).tolist()]}
-
-
-AudioArg = Union[None, str, Path, torch.Tensor, Sequence[Union[str, Path, torch.Tensor]]]
-
-
-def build_inputs(pair: ModelPair, audio: AudioArg = None, prompt: Union[str, Sequence[str]] = DEFAULT_PROMPT,
-                 sampling_rate: Optional[int] = None) -> ParityInputs:
-    """Features and token ids for ``pair`` (the same tensors go to both models).
-
-    Args:
-        pair: the ``ModelPair`` (its tokenizer, dtype and device are used).
-        audio: a WAV path, a float waveform tensor [samples] (16 kHz unless ``sampling_rate``), or a list of them;
-            None means the default shipped clip (``features.shipped_audio()``).
-        prompt: text with one ``<|audio|>`` per clip, or one prompt per clip; a single prompt with one placeholder
-            is repeated for every clip.
-        sampling_rate: Hz of tensor audio.
-
-    Raises:
-        FileNotFoundError: an audio path does not exist.
-        ValueError: undecodable audio, a placeholder count that does not match the clips, or a tokenizer whose
-            audio token id differs from ``config.audio_token_index``.
-    """
-    from fms_granite_speech.features import shipped_audio
-    from fms_granite_speech.processor import GraniteSpeechProcessor
-
-    if audio is None:
-        clips: list = [shipped_audio()]
-    elif isinstance(audio, (str, Path)) or (isinstance(audio, torch.Tensor) and audio.dim() == 1):
-        clips = [audio]
-    elif isinstance(audio, torch.Tensor):
-        clips = list(audio)
-    else:
-        clips = list(audio)
-    described = []
-    for clip in clips:
-        if isinstance(clip, (str, Path)):
-            if not Path(clip).is_file():
-                raise FileNotFoundError(f"audio file not found: {clip}")
-            described.append(str(clip))
-        elif isinstance(clip, torch.Tensor):
-            described.append(f"tensor{list(clip.shape)}")
-        else:
-            raise TypeError(f"audio must be WAV paths or waveform tensors, got {type(clip).__name__}")
-    texts = [prompt] * len(clips) if isinstance(prompt, str) and prompt.count("<|audio|>") == 1 else prompt
-    processor = GraniteSpeechProcessor(pair.get_tokenizer())
-    if processor.audio_token_id != pair.config.audio_token_index:
-        raise ValueError(f"the tokenizer maps <|audio|> to id {processor.audio_token_id} but the model expects "
-                         f"audio_token_index={pair.config.audio_token_index}; use the checkpoint's own tokenizer")
-    out = processor(texts, audio=clips, sampling_rate=sampling_rate)
-    return ParityInputs(
-        input_ids=out["input_ids"].to(pair.device),
-        input_features=out["input_features"].to(device=pair.device, dtype=pair.dtype),
-        input_features_mask=out["input_features_mask"].to(pair.device),
-        audio=described,
-        prompt=prompt if isinstance(prompt, str) else list(prompt),
-    )

@@ -12,13 +12,13 @@ import json
 import math
 import os
 import platform
-import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
 from tabulate import tabulate
 
-from parity.compare import LayerResult, ParityResult
+from parity.pathmap import DEPTH_ROWS, template_of
+from parity.result import LayerResult, ParityResult
 
 __all__ = [
     "DEFAULT_REPORT_DIR",
@@ -44,7 +44,9 @@ PNG_NAME = "parity-report.png"
 SUITE_JSON, SUITE_MD, SUITE_PNG = "parity-suite.json", "parity-suite.md", "parity-depth.png"
 REL_L2_FLOOR = 1e-12  # where an exact match (rel-L2 == 0) is drawn on the log axis
 
-HEADERS = ("layer", "max abs", "mean abs", "rel-L2", "cosine", "max ULP", "worst index", "result")
+HEADERS = ("layer", "rel-L2", "bound", "introduced", "intro bound", "obs/bound", "mismatched", "max abs",
+           "max ULP", "result")
+HEADERS_FULL = HEADERS[:-1] + ("mean abs", "cosine", "worst index", "result")
 
 
 def _num(x: Optional[float], digits: int = 3) -> str:
@@ -55,20 +57,49 @@ def _num(x: Optional[float], digits: int = 3) -> str:
     return f"{x:.{digits}e}" if x != 0 else "0"
 
 
-def _row(r: LayerResult) -> list[str]:
-    d = r.diff
-    verdict = "pass" if r.passed else "FAIL"
+def _ratio(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) else f"{x:.2f}"
+
+
+def _mismatched(d) -> str:
+    """Mismatched elements as ``torch.testing.assert_close`` counts them with its default tolerances."""
     if d is None:
-        return [r.name, "-", "-", "-", "-", "-", "-", f"{verdict}: {r.error}"]
-    cos = "-" if d.cosine is None else f"{d.cosine:.9f}"
-    worst = "-" if d.worst_index is None else "(" + ", ".join(map(str, d.worst_index)) + ")"
+        return "-"
+    pct = 100.0 * d.mismatched / d.numel if d.numel else 0.0
+    return f"{d.mismatched} ({pct:.1f}%)"
+
+
+def _verdict(r: LayerResult) -> str:
+    if r.passed:
+        return "pass"
+    if r.error is not None:
+        return f"FAIL: {r.error}"
+    return "FAIL (introduced here)" if r.introduces else "FAIL (propagated)"
+
+
+def _row(r: LayerResult, full: bool = False) -> list[str]:
+    d, i = r.diff, r.introduced
     transform = f" [x {r.pair.transform}]" if r.pair.transform else ""
-    return [r.name + transform, _num(d.max_abs), _num(d.mean_abs), _num(d.rel_l2), cos, str(d.max_ulp), worst,
-            verdict]
+    cells = [r.name + transform, _num(None if d is None else d.rel_l2),
+             _num(None if d is None else d.tolerance.max_rel_l2), _num(None if i is None else i.rel_l2),
+             _num(None if i is None else i.tolerance.max_rel_l2), _ratio(r.ratio), _mismatched(d),
+             _num(None if d is None else d.max_abs), "-" if d is None else str(d.max_ulp)]
+    if full:
+        worst = "-" if d is None or d.worst_index is None else "(" + ", ".join(map(str, d.worst_index)) + ")"
+        cells += [_num(None if d is None else d.mean_abs), "-" if d is None else f"{d.cosine:.9f}", worst]
+    return cells + [_verdict(r)]
 
 
-def format_table(result: ParityResult, names: Optional[Iterable[str]] = None, tablefmt: str = "simple") -> str:
-    """A table of per-layer statistics (``HEADERS``), in execution order.
+def format_table(result: ParityResult, names: Optional[Iterable[str]] = None, tablefmt: str = "simple",
+                 full: bool = False) -> str:
+    """A table of per-layer statistics, in execution order.
+
+    Columns (``HEADERS``; ``full`` adds mean abs, cosine and the worst element's index): the propagated rel-L2 (both
+    models end to end) and its bound, the introduced rel-L2 (the FMS module on HF's exact input) and its bound, the
+    larger of observed/bound, the mismatched elements as ``torch.testing.assert_close`` counts them (count and %),
+    max abs, max ULP and the verdict (``introduced here`` / ``propagated``).
 
     Args:
         result: the parity result.
@@ -76,8 +107,8 @@ def format_table(result: ParityResult, names: Optional[Iterable[str]] = None, ta
         tablefmt: a ``tabulate`` format (``"simple"`` for terminals, ``"github"`` for Markdown).
     """
     wanted = set(result.requested if names is None else names)
-    rows = [_row(r) for r in result.layers if r.name in wanted]
-    return tabulate(rows, headers=HEADERS, tablefmt=tablefmt, disable_numparse=True)
+    rows = [_row(r, full) for r in result.layers if r.name in wanted]
+    return tabulate(rows, headers=HEADERS_FULL if full else HEADERS, tablefmt=tablefmt, disable_numparse=True)
 
 
 def drift_table(result: ParityResult, names: Optional[Iterable[str]] = None, tablefmt: str = "simple") -> str:
@@ -129,18 +160,27 @@ def _float(x) -> Optional[float]:
 
 
 def summary_lines(result: ParityResult) -> list[str]:
-    """The verdict in words: requested layers pass/fail, the first divergent layer over everything that ran."""
+    """The verdict in words: requested layers pass/fail, the first divergent layer over everything that ran (and
+    whether it introduces the error or inherits it), the worst observed/bound, how bounds were set."""
     req = result.requested_results()
     failed = [r for r in req if not r.passed]
     ran = len(result.layers)
     lines = [f"requested layers: {len(req) - len(failed)}/{len(req)} pass"]
     first = result.first_failure()
     if first is None:
+        ratios = [(r.ratio, r.name) for r in result.layers if r.ratio is not None]
+        worst = max(ratios) if ratios else None
+        tail = f"; worst observed/bound {worst[0]:.2f} at {worst[1]}" if worst else ""
         lines.append(f"first divergent layer: none ({ran} layers compared in {', '.join(result.sections)}; "
-                     "every one within tolerance)")
+                     f"every one within its bound{tail})")
     else:
+        where = "introduced here" if first.introduces else "its own computation passes; the error reaches it"
         lines.append(f"first divergent layer (over {ran} layers compared in {', '.join(result.sections)}): "
-                     f"{first.name} -- {first.reason}")
+                     f"{first.name} ({where}) -- {first.reason}")
+    if result.reference == "float64":
+        lines.append("bounds: from HF's own rounding against a float64 run (reduced precision)")
+    elif result.reference == "flat":
+        lines.append("bounds: flat per-dtype tolerance (no float64 reference in this run)")
     if result.hf_drift:
         hf_first = next((r for r in result.hf_drift if not r.passed), None)
         lines.append("first HF drift layer (HF compiled vs HF eager): "
@@ -189,6 +229,10 @@ def render_markdown(result: ParityResult, png_name: Optional[str] = None) -> str
         ("tolerance", _tolerance_line(result)),
         ("mode", result_mode(result)),
         ("compile backend", result.compile_backend),
+        ("bounds", {"float64": "from HF's own rounding against float64", "flat": "flat per-dtype tolerance"}.get(
+            result.reference or "", "per dtype (float32: metrics.default_tolerance)")),
+        ("memory", result.memory),
+        ("peak memory", ", ".join(f"{k} {v}" for k, v in (result.peak_memory or {}).items()) or None),
         ("elapsed", f"{result.elapsed_s:.2f} s"),
     ] + [(name, version) for name, version in result.versions.items()]
     rows += [(f"env {k}", v) for k, v in (p.get("environment") or {}).items()]
@@ -198,8 +242,10 @@ def render_markdown(result: ParityResult, png_name: Optional[str] = None) -> str
         out += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
     if png_name:
         out += ["## Error against depth", "", f"![rel-L2 against depth]({png_name})", ""]
-    table = drift_table if result.mode == "drift" else format_table
-    out += ["## Layers (execution order)", "", table(result, [r.name for r in result.layers], "github"), ""]
+    names = [r.name for r in result.layers]
+    body = drift_table(result, names, "github") if result.mode == "drift" else format_table(result, names, "github",
+                                                                                             full=True)
+    out += ["## Layers (execution order)", "", body, ""]
     if result.attribution is not None:
         out += attribution_markdown(result.attribution)
     failures = [r for r in result.layers if not r.passed]
@@ -217,9 +263,11 @@ def write_report(result: ParityResult, out_dir: Union[str, Path] = DEFAULT_REPOR
                  add_environment: bool = True) -> tuple[Path, Path]:
     """Write ``parity-report.json``, ``parity-report.md`` and the depth plot ``parity-report.png`` into ``out_dir``.
 
-    The Markdown and the plot are rendered from the JSON just written, read back, so all three always agree. When the
-    result's provenance has no ``environment``, the current process's (``environment()``) is added first: call this
-    right after ``run_parity`` in the same process, as the CLI does (``add_environment=False`` to leave it out).
+    The Markdown and the plot are rendered from the JSON just written, read back, so all three always agree. The
+    three files are written into a staging folder and moved into ``out_dir`` together (``parity._atomic.staged``):
+    a failure on the way leaves an earlier report byte-identical. When the result's provenance has no
+    ``environment``, the current process's (``environment()``) is added first: call this right after ``run_parity`` in
+    the same process, as the CLI does (``add_environment=False`` to leave it out).
 
     Returns:
         ``(json_path, markdown_path)``.
@@ -227,22 +275,22 @@ def write_report(result: ParityResult, out_dir: Union[str, Path] = DEFAULT_REPOR
     Raises:
         ValueError: ``out_dir`` exists and is not a folder, or cannot be created/written (the OS reason is given).
     """
+    from parity._atomic import ReportFolderError, staged
+
     out = Path(out_dir)
     if add_environment:
         result.provenance.setdefault("environment", environment())
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        json_path = out / JSON_NAME
-        json_path.write_text(result.to_json() + "\n")
-        saved = ParityResult.from_json(json_path.read_text())
-        plot_depth(_mode_lines(saved), out / PNG_NAME,
-                   title=f"parity: {saved.provenance.get('variant') or saved.provenance.get('checkpoint')}, "
-                         f"{saved.provenance.get('dtype')}")
-        md_path = out / MD_NAME
-        md_path.write_text(render_markdown(saved, png_name=PNG_NAME))
-    except (FileExistsError, NotADirectoryError, PermissionError, IsADirectoryError) as err:
-        raise ValueError(f"cannot write the parity report to {out}: {err}") from None
-    return json_path, md_path
+        with staged(out, (JSON_NAME, MD_NAME, PNG_NAME)) as stage:
+            (stage / JSON_NAME).write_text(result.to_json() + "\n")
+            saved = ParityResult.from_json((stage / JSON_NAME).read_text())
+            plot_depth(_mode_lines(saved), stage / PNG_NAME,
+                       title=f"parity: {saved.provenance.get('variant') or saved.provenance.get('checkpoint')}, "
+                             f"{saved.provenance.get('dtype')}")
+            (stage / MD_NAME).write_text(render_markdown(saved, png_name=PNG_NAME))
+    except OSError as err:
+        raise ReportFolderError(f"cannot write the parity report to {out}: {err.strerror or err}") from None
+    return out / JSON_NAME, out / MD_NAME
 
 
 # -- environment, depth plot, suite report, regeneration --------------------------------------------------------------
@@ -289,22 +337,23 @@ def _config_line(config: dict) -> str:
 
 
 def _reproduce(result: ParityResult) -> str:
+    """The command that repeats the run: the one the CLI recorded, else one rebuilt from the provenance."""
+    if result.command:
+        return result.command
     p, inp = result.provenance, result.inputs
     cmd = ["parity diff"]
     cmd.append(f"--checkpoint {p['checkpoint']}" if p.get("checkpoint") else f"--variant {p.get('variant')}")
     if p.get("seed") is not None and not p.get("checkpoint"):
         cmd.append(f"--seed {p['seed']}")
-    cmd += [f"--dtype {p.get('dtype')}", f"--device {p.get('device')}"]
+    cmd += [f"--dtype {p.get('dtype')}", f"--device {p.get('device')}", f"--mode {result_mode(result)}"]
+    if inp.get("case"):
+        cmd.append(f"--cases {inp['case']}")
     audio = inp.get("audio") or []
     if audio and all(not a.startswith("tensor[") for a in audio):
         cmd += [f"--audio {a}" for a in audio]
-    elif audio:
+    elif audio and not inp.get("case"):
         cmd.append("(tensor audio: see inputs.audio in the JSON)")
     return " ".join(cmd)
-
-
-_DEPTH = re.compile(r"^(encoder\.input_linear|encoder\.blocks\.\d+|projector\.layers\.\d+|projector|"
-                    r"decoder\.merged_embeddings|decoder\.layers\.\d+|decoder\.norm|logits)$")
 
 
 def depth_series(result: ParityResult) -> tuple[list[str], list[Optional[float]]]:
@@ -313,7 +362,7 @@ def depth_series(result: ParityResult) -> tuple[list[str], list[Optional[float]]
     execution order. rel-L2 is None where the layer has no diff (it did not run or could not be compared)."""
     names, values = [], []
     for r in result.layers:
-        if _DEPTH.match(r.name):
+        if template_of(r.name) in DEPTH_ROWS:
             names.append(r.name)
             values.append(None if r.diff is None else float(r.diff.rel_l2))
     return names, values
@@ -394,24 +443,28 @@ def write_suite_report(results: Mapping[str, ParityResult], out_dir: Union[str, 
                        ) -> tuple[Path, Path, Path]:
     """ONE report for many results (a parity suite): ``parity-suite.json`` ({name: result}), ``parity-suite.md``
     (a verdict line per result, then each result's full report) and ``parity-depth.png`` (every result on one
-    depth plot). The Markdown and plot are rendered from the JSON read back.
+    depth plot). The Markdown and plot are rendered from the JSON read back; the three files are moved into
+    ``out_dir`` together (``parity._atomic.staged``).
 
     Returns ``(json_path, md_path, png_path)``.
 
     Raises:
         ValueError: ``results`` is empty, or ``out_dir`` cannot be written.
     """
+    from parity._atomic import ReportFolderError, staged
+
     if not results:
         raise ValueError("write_suite_report needs at least one ParityResult")
     out = Path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        jp = out / SUITE_JSON
-        jp.write_text(json.dumps({"results": {k: v.to_dict() for k, v in results.items()}}, indent=1,
-                                 allow_nan=False) + "\n")
-        return (jp,) + _render_suite(jp, out)
-    except (FileExistsError, NotADirectoryError, PermissionError, IsADirectoryError) as err:
-        raise ValueError(f"cannot write the parity suite report to {out}: {err}") from None
+        with staged(out, (SUITE_JSON, SUITE_MD, SUITE_PNG)) as stage:
+            jp = stage / SUITE_JSON
+            jp.write_text(json.dumps({"results": {k: v.to_dict() for k, v in results.items()}}, indent=1,
+                                     allow_nan=False) + "\n")
+            _render_suite(jp, stage)
+    except OSError as err:
+        raise ReportFolderError(f"cannot write the parity suite report to {out}: {err.strerror or err}") from None
+    return out / SUITE_JSON, out / SUITE_MD, out / SUITE_PNG
 
 
 def _render_suite(json_path: Path, out: Path) -> tuple[Path, Path]:
@@ -446,12 +499,21 @@ def regenerate(json_path: Union[str, Path], out_dir: Union[None, str, Path] = No
     if not src.is_file():
         raise FileNotFoundError(f"report JSON not found: {src}")
     out = Path(out_dir) if out_dir is not None else src.parent
-    text = src.read_text()
     try:
+        text = src.read_text()
         doc = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{src} is not JSON: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{src} is not a parity result: not JSON ({err})") from None
     if isinstance(doc, dict) and "results" in doc and "layers" not in doc:
-        results = {k: ParityResult.from_dict(v) for k, v in doc["results"].items()}
+        if not isinstance(doc["results"], dict) or not doc["results"]:
+            raise ValueError(f"{src} is not a parity suite result: 'results' is not a non-empty object")
+        try:
+            results = {k: ParityResult.from_dict(v) for k, v in doc["results"].items()}
+        except ValueError as err:
+            raise ValueError(f"{src}: {err}") from None
         return list(write_suite_report(results, out))
-    return list(write_report(ParityResult.from_json(text), out, add_environment=False)) + [out / PNG_NAME]
+    try:
+        result = ParityResult.from_dict(doc)
+    except ValueError as err:
+        raise ValueError(f"{src}: {err}") from None
+    return list(write_report(result, out, add_environment=False)) + [out / PNG_NAME]

@@ -17,6 +17,7 @@ from pathlib import Path
 import parity.check
 from parity.check import evaluate, layer_group, load_suite, load_thresholds, run_cases, run_check, write_check_report
 from parity.cli import main
+from parity.inputs import CASES
 from parity.metrics import default_tolerance
 from parity.pair import parse_dtype
 from parity.report import write_report, write_suite_report
@@ -38,7 +39,9 @@ def test_committed_thresholds_are_within_dtype_tolerance_and_above_observed():
 def test_honest_model_passes_the_committed_thresholds(honest):
     outcome = evaluate(honest, load_thresholds())
     assert outcome.passed, outcome.regressions[:3]
-    assert set(outcome.cases) == {"speech_b1", "speech_mixed_batch", "text_only"}
+    assert outcome.cases == list(CASES)  # every named case, in a fixed order
+    for case, rows in outcome.tables.items():  # the observed-vs-bound table of every case
+        assert rows and all(row[-1] == "pass" for row in rows), case
 
 
 def test_unknown_variant_has_no_thresholds_and_fails(honest):
@@ -157,7 +160,7 @@ def _fake_pytest(monkeypatch, results=None, rc=0):
     """Replace the pytest subprocess: record the call, write ``results`` as the plugin would, exit ``rc``."""
     calls = []
 
-    def call(cmd, cwd=None):
+    def call(cmd, cwd=None, **kwargs):
         calls.append(cmd)
         out = cmd[cmd.index("--parity-report") + 1]
         if results is not None:
@@ -182,13 +185,16 @@ def test_update_baseline_refuses_a_failed_pytest_run(honest, monkeypatch, tmp_pa
 
 def test_run_check_never_judges_a_previous_runs_results(honest, monkeypatch, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "parity-suite.json").write_text(_suite_doc(honest))  # a stale, passing report
-    assert set(load_suite(out / "parity-suite.json")) == set(honest)
+    _fake_pytest(monkeypatch, honest, rc=0)
+    assert run_check(out, workers="0") == 0  # a passing run: suite, verdict and junit side by side
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"parity-suite.json", "parity-check.md", "parity-check.json"} <= set(before)
     _fake_pytest(monkeypatch, results=None, rc=0)  # this run records nothing
     assert run_check(out, workers="0") == 1
     assert "recorded no parity results" in capsys.readouterr().err
-    assert not (out / "parity-suite.json").exists()
+    # judged nothing, published nothing: the previous run's files are byte-identical, no stale verdict is left
+    # beside new results
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_check_validates_thresholds_before_running_the_suite(monkeypatch, tmp_path, capsys):

@@ -39,8 +39,9 @@ def test_inputs_are_real_audio_and_prompt(pair, inputs):
 
 def test_every_encoder_block_passes_in_float32(pair, inputs):
     result = run_parity(pair, inputs, "encoder")
-    assert result.sections == ["encoder"]  # an encoder layer runs only the encoders
-    assert [r.name for r in result.layers] == [p.name for p in expand(pair.config) if p.section == "encoder"]
+    assert result.sections == ["features", "encoder"]  # the input pipelines, then only the encoders
+    assert [r.name for r in result.layers] == [p.name for p in expand(pair.config)
+                                               if p.section in ("features", "encoder")]
     for i in range(pair.config.encoder.num_layers):
         r = result.layer(f"encoder.blocks.{i}")
         assert r.diff.rel_l2 <= 1e-5, (r.name, r.diff.rel_l2)
@@ -51,7 +52,7 @@ def test_every_encoder_block_passes_in_float32(pair, inputs):
 
 
 def test_full_model_passes_every_layer(pair, full):
-    assert full.sections == ["encoder", "projector", "decoder"]
+    assert full.sections == ["features", "encoder", "projector", "decoder"]
     assert len(full.layers) == len(expand(pair.config))
     failing = [(r.name, r.reason) for r in full.layers if not r.passed]
     assert failing == []
@@ -79,6 +80,7 @@ def test_planted_conv_bug_is_located(pair, inputs):
     bad, name = _perturbed(pair, "encoder.blocks.5.conv")
     result = run_parity(bad, inputs, "encoder.blocks.5")
     assert result.first_divergent == "encoder.blocks.5.conv", name
+    assert result.layer("encoder.blocks.5.conv").introduces  # its own computation, not an inherited error
     names = [r.name for r in result.layers]
     before = names[: names.index("encoder.blocks.5.conv")]
     assert "encoder.blocks.4" in before and "encoder.blocks.5.attn" in before
@@ -100,7 +102,7 @@ def test_planted_decoder_bug_is_located(pair, inputs):
 
 def test_projector_layer_runs_encoder_and_projector(pair, inputs):
     result = run_parity(pair, inputs, "projector.layers.1.cross_attn")
-    assert result.sections == ["encoder", "projector"]
+    assert result.sections == ["features", "encoder", "projector"]
     assert result.requested == ["projector.layers.1.cross_attn"]
     assert not any(r.name.startswith("decoder") or r.name == "logits" for r in result.layers)
     assert result.passed
@@ -136,7 +138,7 @@ def test_recheck_without_rerunning(full):
     # a bound the saved statistics cannot settle is reported as undetermined, never passed on a guess
     unsure = recheck(full, Tolerance(atol=0.0, rtol=1.0, max_rel_l2=0.0, min_cosine=1.0))
     first = unsure.first_failure()
-    assert first is not None and first.reason.startswith("undetermined")
+    assert first is not None and first.reason.startswith("propagated: undetermined")
     assert full.tolerance is None  # the input is not modified
 
 
@@ -194,10 +196,10 @@ def test_checkpoint_folder_pair(tmp_path):
 def test_bad_checkpoint_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         build_pair(checkpoint=tmp_path / "missing")
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match="no config.json"):
         build_pair(checkpoint=tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ValueError, match="not granite_speech"):
+    with pytest.raises(ValueError, match="model_type='llama', expected 'granite_speech'"):
         build_pair(checkpoint=tmp_path)
 
 
@@ -226,7 +228,7 @@ def test_text_only_inputs_run_the_decoder_with_the_adapter_off(pair, inputs):
     from parity.pair import ParityInputs
 
     ids = inputs.input_ids[:, inputs.input_ids[0] != pair.config.audio_token_index]
-    text = ParityInputs(input_ids=ids, prompt="text only")
+    text = ParityInputs(input_ids=ids, prompt="text only")  # one set of ids for both: no pipeline rows
     result = run_parity(pair, text, "decoder.layers.1")
     assert result.sections == ["decoder"]
     assert any("LoRA adapter disabled" in n for n in result.notes)
@@ -239,15 +241,14 @@ def test_text_only_inputs_run_the_decoder_with_the_adapter_off(pair, inputs):
 
 
 def test_one_transform_implementation():
-    """attribution and generation use compare's transform and worst-call rule, so they cannot disagree."""
-    import parity.attribution
+    """generation uses compare's transform, and recheck uses metrics' verdict rule, so they cannot disagree."""
     import parity.compare
     import parity.generation
+    import parity.metrics
 
-    assert parity.attribution.apply_transform is parity.compare.apply_transform
     assert parity.generation.apply_transform is parity.compare.apply_transform
-    assert parity.attribution.worst_diff is parity.compare.worst_diff
-    assert not hasattr(parity.attribution, "_worst") and not hasattr(parity.compare, "_Stack")
+    assert parity.compare.recheck_diff is parity.metrics.recheck_diff
+    assert not hasattr(parity.compare, "_recheck_diff")
 
 
 def test_apply_transform_logits_scaling():

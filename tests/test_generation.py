@@ -12,7 +12,6 @@ logits are compared as well (``compare_generation``), which catches what tokens 
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -26,7 +25,7 @@ from fms_granite_speech.model import GraniteSpeech
 from fms_granite_speech.processor import GraniteSpeechProcessor
 from fms_granite_speech.testing import build_hf_model, lora_weights_are_nontrivial, write_hf_checkpoint
 from fms_granite_speech.tokenizer_utils import build_test_tokenizer
-from parity.generation import GenerationParity, add_cli, compare_generation, format_table
+from parity.generation import GenerationParity, compare_generation, format_table
 from parity.metrics import compare_tensors
 
 NEW = 32
@@ -294,14 +293,12 @@ def test_compare_generation_finds_planted_divergence(untied, processor):
 
 
 def test_parity_generate_cli(capsys):
-    parser = argparse.ArgumentParser(prog="parity")
-    add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["generate", "--text-only", "--max-new-tokens", "4"])
-    assert args.func(args) == 0
+    from parity.cli import main
+
+    assert main(["generate", "--text-only", "--max-new-tokens", "32", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "adapter off" in out and "tokens identical" in out
-    args = parser.parse_args(["generate", "--audio", "/no/such.wav"])
-    assert args.func(args) == 2
+    assert main(["generate", "--audio", "/no/such.wav"]) == 2
     err = capsys.readouterr().err.strip()
     assert "not found" in err and len(err.splitlines()) == 1
 

@@ -30,7 +30,33 @@ def test_every_hf_parameter_is_covered(hf_model, config):
 
 def test_every_expanded_hf_path_exists(hf_model, config):
     modules = dict(hf_model.named_modules())
-    assert [p.hf for p in expand(config) if p.hf not in modules] == []
+    assert [p.hf for p in expand(config) if p.tensor != "pipeline" and p.hf not in modules] == []
+
+
+def test_the_input_pipelines_are_the_first_rows(config):
+    names = [p.name for p in expand(config)]
+    assert names[:4] == ["features.input_features", "features.input_features_mask", "features.audio_token_counts",
+                         "input_ids"]
+    assert all(p.section == "features" and p.kind is None for p in expand(config)[:4])
+    assert [p.name for p in resolve("features", config)] == names[:3]
+
+
+def test_variant_layer_counts_match_the_configs():
+    """The torch-free counts the CLI answers with are the configs' own."""
+    from fms_granite_speech.config import VARIANTS
+
+    assert set(pathmap.VARIANT_LAYERS) == set(VARIANTS)
+    for name, cfg in VARIANTS.items():
+        assert pathmap.VARIANT_LAYERS[name] == pathmap.LayerCounts.of(cfg), name
+        assert expand(pathmap.VARIANT_LAYERS[name]) == expand(cfg)
+
+
+def test_unknown_index_states_the_valid_range(config):
+    with pytest.raises(UnknownLayerError, match=r"encoder\.blocks has 16 blocks: encoder\.blocks\.0 \.\. "
+                                                r"encoder\.blocks\.15"):
+        resolve("encoder.blocks.99", config)
+    with pytest.raises(UnknownLayerError, match=r"decoder\.layers has 4 layers"):
+        resolve("decoder.layers.4.attn", config)
 
 
 def test_completeness_check_catches_a_missing_row(hf_model, config, monkeypatch):
@@ -69,7 +95,7 @@ def test_expand_covers_every_row_and_layer(config):
 def test_expand_is_in_execution_order(config):
     names = [p.name for p in expand(config)]
     mid = config.encoder.mid_layer
-    assert names[0] == "encoder.input_linear"
+    assert names[4] == "encoder.input_linear"  # after the four pipeline rows
     assert names[-1] == "logits"
     # the CTC head runs right after the mid block, before the next block
     k = names.index(f"encoder.blocks.{mid}")
@@ -140,7 +166,7 @@ def test_unknown_name_suggests_close_names(config, bad, expected):
 def test_unrelated_name_lists_top_level_names(config):
     with pytest.raises(UnknownLayerError) as info:
         resolve("zzz", config)
-    assert set(info.value.suggestions) == {"encoder", "projector", "decoder", "logits"}
+    assert set(info.value.suggestions) == {"features", "input_ids", "encoder", "projector", "decoder", "logits"}
 
 
 def test_resolve_decoder_covers_the_whole_decoder_section(config):

@@ -1,4 +1,4 @@
-"""Fixtures of the parity suite: the tiny pair (one per process / xdist worker) and result recording."""
+"""Fixtures of the parity suite: the tiny pairs (one per process / xdist worker) and result recording."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ from parity.pair import build_pair
 def tiny_pair():
     """The tiny variant, float32, seeded random weights (LoRA adapter included), HF and FMS."""
     return build_pair("tiny", seed=0, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16_pair():
+    """The tiny variant in bfloat16, the same seed (built directly in bf16)."""
+    return build_pair("tiny", seed=0, dtype="bfloat16")
 
 
 @pytest.fixture
