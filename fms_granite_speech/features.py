@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 _DATA_PACKAGE = "fms_granite_speech"
+_MAX_CHANNELS = 8        # a 2-D array with at most this many columns and more rows is [samples, channels]
+_INT16_SCALE_PEAK = 2.0  # float samples beyond this peak are PCM integers stored as floats, not [-1, 1] audio
 _DATA_DIR = "data"
 _PREFIX = "speech_"
 
@@ -185,11 +187,13 @@ class GraniteSpeechFeatureExtractor:
 
         Raises:
             TypeError: unsupported input type (not a tensor, numpy array or path).
-            ValueError: non-floating dtype (e.g. int16 PCM), no clips, an empty clip, NaN/Inf samples, wrong rank,
-                a sample rate other than ``self.sample_rate`` without ``resample=True``, several channels without
-                ``downmix=True``, or a batch shorter than ``n_fft // 2 + 1`` samples (reflect padding needs more).
+            ValueError: non-floating dtype (e.g. int16 PCM), no clips, an empty clip, NaN/Inf samples, float samples
+                at integer scale (a peak above 2.0: int16 PCM not divided by 32768), wrong rank, a sample rate other
+                than ``self.sample_rate`` without ``resample=True``, several channels without ``downmix=True`` (a 2-D
+                array with at most 8 columns and more rows is one clip in soundfile's [samples, channels] layout),
+                or a batch shorter than ``n_fft // 2 + 1`` samples (reflect padding needs more).
         """
-        clips = [self._mono(wave, rate, i) for i, (wave, rate) in enumerate(self._split(audio, sampling_rate))]
+        clips = [self._mono(wave, rate, name) for wave, rate, name in self._split(audio, sampling_rate)]
         lengths = [int(c.shape[-1]) for c in clips]
         if max(lengths) <= self.n_fft // 2:
             raise ValueError(
@@ -217,17 +221,26 @@ class GraniteSpeechFeatureExtractor:
             frames = logmel.shape[1] - logmel.shape[1] % 2
             return logmel[:, :frames].reshape(logmel.shape[0], frames // 2, 2 * logmel.shape[-1])
 
-    def _split(self, audio: AudioInput, sampling_rate: Optional[int]) -> list[tuple[torch.Tensor, int]]:
-        """Turn any accepted input into a list of (clip [samples] or [channels, samples], sample rate)."""
+    def _split(self, audio: AudioInput, sampling_rate: Optional[int]) -> list[tuple[torch.Tensor, int, str]]:
+        """Turn any accepted input into a list of (clip [samples] or [channels, samples], sample rate, name), the name
+        being the file path, or ``clip i`` for arrays, for error messages."""
         rate = self.sample_rate if sampling_rate is None else int(sampling_rate)
         if isinstance(audio, (str, Path)):
             return [self._read(audio, sampling_rate)]
         if isinstance(audio, (torch.Tensor, np.ndarray)):
             tensor = _as_float_tensor(audio, "audio")
             if tensor.ndim == 1:
-                return [(tensor, rate)]
+                return [(tensor, rate, "clip 0")]
             if tensor.ndim == 2:
-                return [(row, rate) for row in tensor]
+                if tensor.shape[1] <= _MAX_CHANNELS < tensor.shape[0]:
+                    # soundfile's [samples, channels] layout, not [batch, samples] (a batch of 1..8-sample clips)
+                    if not self.downmix:
+                        raise ValueError(
+                            f"audio has shape {tuple(tensor.shape)}: soundfile's [samples, channels] layout of one "
+                            f"{tensor.shape[1]}-channel clip; pass downmix=True to average the channels, or give "
+                            "audio.T with downmix=True ([channels, samples])")
+                    return [(tensor.T, rate, "clip 0")]
+                return [(row, rate, f"clip {i}") for i, row in enumerate(tensor)]
             raise ValueError(
                 f"audio tensor must be 1-D [samples] or 2-D [batch, samples], got shape {tuple(tensor.shape)};"
                 " pass multi-channel clips as a list of [channels, samples] tensors with downmix=True"
@@ -247,36 +260,40 @@ class GraniteSpeechFeatureExtractor:
                     raise ValueError(
                         f"clip {i} must be 1-D [samples] or 2-D [channels, samples], got shape {tuple(tensor.shape)}"
                     )
-                out.append((tensor, rate))
+                out.append((tensor, rate, f"clip {i}"))
             return out
         raise TypeError(
             f"unsupported audio input {type(audio).__name__}; give a tensor, numpy array, WAV path or a list of these"
         )
 
-    def _read(self, path: Union[str, Path], sampling_rate: Optional[int]) -> tuple[torch.Tensor, int]:
+    def _read(self, path: Union[str, Path], sampling_rate: Optional[int]) -> tuple[torch.Tensor, int, str]:
         wave, rate = load_wav(path)
         if sampling_rate is not None and int(sampling_rate) != rate:
             raise ValueError(f"{path} is {rate} Hz but sampling_rate={sampling_rate} was given; drop sampling_rate")
-        return wave, rate
+        return wave, rate, str(path)
 
-    def _mono(self, wave: torch.Tensor, rate: int, index: int) -> torch.Tensor:
+    def _mono(self, wave: torch.Tensor, rate: int, index: str) -> torch.Tensor:
         """Check one clip and return it as float32 [samples] at ``self.sample_rate``."""
         if wave.ndim == 2:
             if wave.shape[0] > 1 and not self.downmix:
                 raise ValueError(
-                    f"clip {index} has {wave.shape[0]} channels ([channels, samples] = {tuple(wave.shape)});"
+                    f"{index} has {wave.shape[0]} channels ([channels, samples] = {tuple(wave.shape)});"
                     " the model takes mono audio: pass downmix=True to average the channels"
                 )
             wave = wave.mean(dim=0) if wave.shape[0] > 1 else wave[0]
         if wave.shape[-1] == 0:
-            raise ValueError(f"clip {index} is empty (0 samples)")
+            raise ValueError(f"{index} is empty (0 samples)")
         bad = int((~torch.isfinite(wave)).sum())
         if bad:
-            raise ValueError(f"clip {index} has {bad} NaN/Inf samples out of {wave.shape[-1]}; clean the audio first")
+            raise ValueError(f"{index} has {bad} NaN/Inf samples out of {wave.shape[-1]}; clean the audio first")
+        peak = float(wave.abs().max())
+        if peak > _INT16_SCALE_PEAK:
+            raise ValueError(f"{index} peaks at {peak:.6g}: integer PCM stored as floats (int16 peaks near "
+                             "32767), not samples in [-1, 1]; divide by 32768 (or read the file with load_wav)")
         if rate != self.sample_rate:
             if not self.resample:
                 raise ValueError(
-                    f"clip {index} is sampled at {rate} Hz but the model expects {self.sample_rate} Hz;"
+                    f"{index} is sampled at {rate} Hz but the model expects {self.sample_rate} Hz;"
                     " pass resample=True to resample it"
                 )
             wave = torchaudio.functional.resample(wave, rate, self.sample_rate)

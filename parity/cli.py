@@ -401,16 +401,19 @@ def _run_diff(args, argv, cases, progress) -> int:
             print(f"note: {note}")
         print(f"elapsed {result.elapsed_s:.1f} s, peak memory "
               + ", ".join(f"{k} {v}" for k, v in result.peak_memory.items()))
-    if len(runs) == 1:
-        paths = write_report(runs[0][1], out_dir)
-    else:
-        paths = write_suite_report({name: r for name, r in runs}, out_dir)
-    if args.json:
-        payload = runs[0][1].to_json() if len(runs) == 1 else _suite_json(runs)
-        if to_stdout:
-            print(payload)
+    try:
+        if len(runs) == 1:
+            paths = write_report(runs[0][1], out_dir)
         else:
-            Path(args.json).write_text(payload + "\n")
+            paths = write_suite_report({name: r for name, r in runs}, out_dir)
+        if args.json:
+            payload = runs[0][1].to_json() if len(runs) == 1 else _suite_json(runs)
+            if to_stdout:
+                print(payload)
+            else:
+                Path(args.json).write_text(payload + "\n")
+    except (ValueError, OSError) as err:  # the folder became unwritable, the disk is full: nothing was replaced
+        raise _UsageError(_first_line(err)) from None
     if not to_stdout:
         print("report: " + " ".join(str(p) for p in paths))
     return EXIT_PASS if all(r.passed for _, r in runs) else EXIT_FAIL

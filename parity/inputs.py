@@ -297,6 +297,10 @@ def build_inputs(pair, audio: AudioArg = None, prompt: Union[None, str, Sequence
     common = dict(audio=described, prompt=prompt if isinstance(prompt, str) else list(prompt),
                   samples=[int(w.numel()) for w in waves], case=case)
     hf = ParityInputs(**_hf_pipeline(tokenizer, texts, waves or None), **common)
+    limit = pair.config.decoder.max_expected_seq_len
+    if hf.input_ids.shape[1] > limit:
+        raise ValueError(f"the prompt is {hf.input_ids.shape[1]} tokens (audio included) but the decoder has {limit} "
+                         "positions (max_expected_seq_len); shorten the prompt or the audio")
     if same_inputs:
         return hf
     return replace(hf, fms=ParityInputs(**_fms_pipeline(tokenizer, texts, waves or None), **common))

@@ -90,8 +90,8 @@ FLOAT64_UNITS: tuple[str, ...] = ("model.encoder.layers.{}", "model.projector", 
 # 3.3-2b widths with a 2-layer decoder, bf16, CPU): see ``ROUNDING_MEASURED``.
 ROUNDING = {
     "same_kernels": 0.25,   # the FMS module runs HF's kernels in HF's order: bit-identical in bf16 as measured
-    "fms_attention": 2.5,   # FMS's own MultiHeadAttention (RoPE and score layout differ from HF's)
-    "fms_block": 0.5,       # an FMS GraniteBlock around that attention
+    "fms_attention": 3.5,   # FMS's own MultiHeadAttention (its RoPE and score layout differ from HF's)
+    "fms_block": 1.5,       # an FMS GraniteBlock around that attention
     "propagated": 3.0,
 }
 ROUNDING_MEASURED = (

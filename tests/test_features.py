@@ -191,5 +191,5 @@ def test_downmix_stereo_wav(hf, tmp_path):
     want = hf(mono)
     _assert_same(GraniteSpeechFeatureExtractor(downmix=True)(path), want, [9000])
     _assert_same(GraniteSpeechFeatureExtractor(downmix=True)([torch.from_numpy(written.T.copy())]), want, [9000])
-    with pytest.raises(ValueError, match="clip 0 has 2 channels.*downmix=True"):
+    with pytest.raises(ValueError, match="stereo.wav has 2 channels.*downmix=True"):
         GraniteSpeechFeatureExtractor()(path)
