@@ -349,9 +349,11 @@ def _granite_config(
 
     FMS derives the width as ``int(hidden_grow_factor * emb_dim)`` rounded up to ``multiple_of``; float rounding can
     land one below ``ffn`` (e.g. 136/56*56 = 135.99..), so ``multiple_of`` is chosen as a divisor of ``ffn`` that
-    makes the round-up land exactly on it.
+    makes the round-up land exactly on it. FMS tensor parallelism sizes each rank's MLP the same way from
+    ``hidden_grow_factor / world_size``, so ``multiple_of`` also divides ``ffn / tp`` for the largest ``tp`` of 8, 4, 2
+    it can (3.3-2b: 256, up to 8 ranks; 3.3-8b: 64, up to 8; tiny: 2, up to 4).
     """
-    multiple_of = next(m for m in (256, 64, 8, 1) if ffn % m == 0)
+    multiple_of = next((m for tp in (8, 4, 2) for m in (256, 64, 16, 8, 4, 2) if ffn % (m * tp) == 0), 1)
     cfg = GraniteConfig(
         src_vocab_size=vocab,
         emb_dim=dim,

@@ -24,6 +24,7 @@ leaves the previous report files byte-identical.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -107,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                         "per-dtype tolerance (flat)")
     p.add_argument("--memory", default="auto", choices=("auto", "together", "sequential"),
                    help="hold both models at once, or one at a time (auto: one at a time when two would not fit)")
+    p.add_argument("--distributed", default=None, choices=("tp",),
+                   help="tp: shard the FMS model with FMS tensor parallelism; run under torchrun --nproc-per-node N "
+                        "(HF whole on every rank; rank 0 prints and writes the report)")
     p.add_argument("--attribute", action="store_true", help="also print the attribution table (propagated vs "
                                                             "introduced per row; always in the report JSON)")
     p.add_argument("--report-dir", default=None, metavar="DIR", help="where the report goes (default: parity-report/)")
@@ -319,6 +323,8 @@ def _check_diff(args) -> list[str]:
     _check_out(args.json, "--json", found)
     if args.mode != "eager" and args.memory == "sequential":
         found.append("--mode compiled/drift holds both models; drop --memory sequential")
+    if args.distributed and not all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
+        found.append("--distributed tp needs a process group: run it under torchrun --nproc-per-node N")
     if args.same_inputs and args.layer and all(n.startswith(("features", "input_ids")) for n in args.layer):
         found.append("--same-inputs feeds both models one pipeline's output: there are no pipeline rows to compare")
     _problems(found)
@@ -360,7 +366,7 @@ def _run_diff(args, argv, cases, progress) -> int:
         if progress:
             progress("building the models" if args.memory != "sequential" else "preparing the pair")
         pair = build_pair(variant=args.variant or "tiny", checkpoint=args.checkpoint, seed=args.seed,
-                          dtype=args.dtype, device=args.device, memory=args.memory)
+                          dtype=args.dtype, device=args.device, memory=args.memory, distributed=args.distributed)
         runs = []
         for name in cases or [None]:
             if progress and name:
@@ -379,6 +385,8 @@ def _run_diff(args, argv, cases, progress) -> int:
             runs.append((name, result))
     except (ValueError, FileNotFoundError, OSError) as err:
         raise _UsageError(_first_line(err)) from None
+    if args.distributed and int(os.environ.get("RANK", "0")) != 0:
+        return EXIT_PASS if all(r.passed for _, r in runs) else EXIT_FAIL  # rank 0 reports for every rank
     if progress:
         progress("writing the report")
     to_stdout = args.json == "-"

@@ -116,6 +116,8 @@ class ModelPair:
         seed: the weight seed of a random-weight pair (None for a checkpoint).
         tokenizer: the tokenizer the inputs are built with (the checkpoint's, else ``build_test_tokenizer``).
         memory: ``"together"`` or ``"sequential"``.
+        distributed: ``"tp"``: the FMS model is sharded by FMS tensor parallelism over the process group (each rank
+            holds the whole HF reference, single-process); None: one process.
     """
 
     hf: Optional[nn.Module]
@@ -128,6 +130,7 @@ class ModelPair:
     seed: Optional[int] = None
     tokenizer: Any = None
     memory: str = "together"
+    distributed: Optional[str] = None
     _folder: Any = field(default=None, repr=False)  # a temporary HF folder of random weights (sequential mode)
 
     def provenance(self) -> dict:
@@ -143,6 +146,8 @@ class ModelPair:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "memory": self.memory,
+            "distributed": None if self.distributed is None else {"strategy": self.distributed,
+                                                                   "world_size": _world_size()},
             "lora": None if self.config.lora is None else {
                 "rank": self.config.lora.rank, "alpha": self.config.lora.alpha,
                 "targets": list(self.config.lora.target_modules)},
@@ -193,6 +198,8 @@ class ModelPair:
     def _build_fms(self) -> nn.Module:
         from fms_granite_speech.checkpoint import load_checkpoint
 
+        if self.distributed == "tp":
+            return self._build_fms_tp()
         if self.checkpoint is not None:
             return load_checkpoint(self.checkpoint, dtype=self.dtype, device=self.device).eval()
         if self.hf is None and self._folder is not None:
@@ -210,6 +217,23 @@ class ModelPair:
         fms.post_init()
         return fms.to(device=self.device).eval()
 
+    def _build_fms_tp(self) -> nn.Module:
+        """FMS sharded by FMS's tensor parallelism: each rank converts HF's whole state dict and FMS's loader cuts
+        its shard (``load_state_dict_into_model(..., distributed_strategy="tp", rank=rank)``)."""
+        import torch.distributed as dist
+        from fms.distributed.strategy import TensorParallelStrategy
+        from fms.utils.serialization import load_state_dict_into_model
+
+        from fms_granite_speech.model import GraniteSpeech
+
+        hf = self.get("hf")
+        with torch.device("meta"):
+            fms = GraniteSpeech(self.config, distributed_strategy=TensorParallelStrategy())
+        load_state_dict_into_model(fms, dict(hf.state_dict()), "granite_speech", "hf", distributed_strategy="tp",
+                                   rank=dist.get_rank())
+        fms.post_init()
+        return fms.to(device=self.device).eval()
+
 
 def build_pair(
     variant: str = "tiny",
@@ -219,6 +243,7 @@ def build_pair(
     device: Union[str, torch.device] = "cpu",
     memory: str = "together",
     config: Optional[GraniteSpeechConfig] = None,
+    distributed: Optional[str] = None,
 ) -> ModelPair:
     """The HF reference and the FMS model with the same weights.
 
@@ -231,6 +256,8 @@ def build_pair(
         memory: ``together`` (both models built now), ``sequential`` (built one at a time by the engine) or
             ``auto`` (sequential when two weight sets would not fit in the memory available).
         config: random weights for this config instead of the variant's (``variant`` names it in reports).
+        distributed: ``"tp"`` shards the FMS model with FMS tensor parallelism over the default process group (started
+            here from torchrun's environment when not yet: gloo on CPU, NCCL on CUDA); HF stays whole on every rank.
 
     Raises:
         ValueError: unknown variant, dtype or memory mode, CUDA requested without CUDA, a folder that is not an HF
@@ -241,6 +268,11 @@ def build_pair(
     dev = _parse_device(device)
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory={memory!r}; use one of {', '.join(MEMORY_MODES)}")
+    if distributed not in (None, "tp"):
+        raise ValueError(f"distributed={distributed!r}; use 'tp' (FMS tensor parallelism) or None")
+    if distributed == "tp":
+        dev = _init_distributed(dev)
+        memory = "together"  # each rank holds HF whole and its FMS shard
     tokenizer = None
     if checkpoint is not None:
         from fms_granite_speech.checkpoint import read_config
@@ -262,11 +294,39 @@ def build_pair(
         memory = "sequential" if free is not None and need * 1.2 > free else "together"
     pair = ModelPair(hf=None, fms=None, config=config, dtype=dtype, device=dev, variant=variant,
                      checkpoint=None if checkpoint is None else str(checkpoint), seed=seed, tokenizer=tokenizer,
-                     memory=memory)
+                     memory=memory, distributed=distributed)
     if memory == "together":
         pair.get("hf")
         pair.get("fms")
     return pair
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _init_distributed(device: torch.device) -> torch.device:
+    """The default process group (started from torchrun's environment if needed) and this rank's device.
+
+    Raises:
+        ValueError: not started by torchrun (no ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` in the environment).
+    """
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise ValueError(f"distributed='tp' needs a process group: run under torchrun --nproc-per-node N "
+                             f"(missing {', '.join(missing)} in the environment)")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        torch.cuda.set_device(device)
+    return device
 
 
 def _tokenizer(path: Path):
