@@ -101,6 +101,57 @@ def _left_pack(
     return pad_input_ids(rows, pad_token_id=pad_token_id, padding_side="left")
 
 
+def _check_prompt(model: torch.nn.Module, input_ids: Any, input_features: Any, input_features_mask: Any, *,
+                  max_new_tokens: Any, eos_token_id: Any, pad_token_id: Any):
+    """The checks every generator runs before touching the model.
+
+    Returns ``(max_new_tokens, input_features, input_features_mask, device)``, the features cast to the model's dtype
+    and device. Raises ``TypeError`` / ``ValueError`` as documented in ``transcribe_ids``.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor [B, L], got {type(input_ids).__name__}"
+                        + (f" of {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else ""))
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be [B, L] with B, L >= 1, got shape {tuple(input_ids.shape)}; "
+                         "add a batch dimension with input_ids[None]")
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+    if eos_token_id is not None:
+        _check_int("eos_token_id", eos_token_id, 0)
+    _check_int("pad_token_id", pad_token_id, 0)
+    if input_features_mask is not None and input_features is None:
+        raise ValueError("input_features_mask was given without input_features; pass both or neither")
+    device, dtype = _model_device_dtype(model)
+    config = getattr(model, "config", None)
+    audio_id = getattr(config, "audio_token_index", None)
+    n_audio_tokens = int((input_ids == audio_id).sum()) if audio_id is not None else None
+    if input_features is not None:
+        if not isinstance(input_features, torch.Tensor) or not input_features.dtype.is_floating_point:
+            raise TypeError("input_features must be a floating tensor [B_audio, T, 160] (from the feature extractor)")
+        if input_features.dim() != 3:
+            raise ValueError(f"input_features must be [B_audio, T, 160], got shape {tuple(input_features.shape)}")
+        input_features = input_features.to(device=device, dtype=dtype)
+        if input_features_mask is not None:
+            if input_features_mask.dim() != 2 or input_features_mask.shape[0] != input_features.shape[0]:
+                raise ValueError(
+                    f"input_features_mask must be [B_audio={input_features.shape[0]}, N], got shape "
+                    f"{tuple(input_features_mask.shape)}"
+                )
+            input_features_mask = input_features_mask.to(device=device, dtype=torch.bool)
+            expected = int(input_features_mask.sum())
+            if n_audio_tokens is not None and n_audio_tokens != expected:
+                raise ValueError(
+                    f"input_ids hold {n_audio_tokens} audio tokens (id {audio_id}) but input_features_mask marks "
+                    f"{expected}; build ids and features together with GraniteSpeechProcessor"
+                )
+        if n_audio_tokens == 0:
+            raise ValueError(f"input_features were given but input_ids hold no audio token (id {audio_id}); put "
+                             "<|audio|> in the prompt and expand it with GraniteSpeechProcessor")
+    elif n_audio_tokens:
+        raise ValueError(f"input_ids hold {n_audio_tokens} audio tokens (id {audio_id}) but no input_features were "
+                         "given; pass the clips' features, or drop <|audio|> for a text-only prompt")
+    return max_new_tokens, input_features, input_features_mask, device
+
+
 def transcribe_ids(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -158,13 +209,6 @@ def transcribe_ids(
             padding in the middle of a row.
     """
     # -- validation --------------------------------------------------------------------------------------------------
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor [B, L], got {type(input_ids).__name__}"
-                        + (f" of {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else ""))
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids must be [B, L] with B, L >= 1, got shape {tuple(input_ids.shape)}; "
-                         "add a batch dimension with input_ids[None]")
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
     if do_sample:
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -172,40 +216,9 @@ def transcribe_ids(
             _check_int("top_k", top_k, 1)
     if seed is not None:
         _check_int("seed", seed, 0)
-    if eos_token_id is not None:
-        _check_int("eos_token_id", eos_token_id, 0)
-    _check_int("pad_token_id", pad_token_id, 0)
-    if input_features_mask is not None and input_features is None:
-        raise ValueError("input_features_mask was given without input_features; pass both or neither")
-    device, dtype = _model_device_dtype(model)
-    config = getattr(model, "config", None)
-    audio_id = getattr(config, "audio_token_index", None)
-    n_audio_tokens = int((input_ids == audio_id).sum()) if audio_id is not None else None
-    if input_features is not None:
-        if not isinstance(input_features, torch.Tensor) or not input_features.dtype.is_floating_point:
-            raise TypeError("input_features must be a floating tensor [B_audio, T, 160] (from the feature extractor)")
-        if input_features.dim() != 3:
-            raise ValueError(f"input_features must be [B_audio, T, 160], got shape {tuple(input_features.shape)}")
-        input_features = input_features.to(device=device, dtype=dtype)
-        if input_features_mask is not None:
-            if input_features_mask.dim() != 2 or input_features_mask.shape[0] != input_features.shape[0]:
-                raise ValueError(
-                    f"input_features_mask must be [B_audio={input_features.shape[0]}, N], got shape "
-                    f"{tuple(input_features_mask.shape)}"
-                )
-            input_features_mask = input_features_mask.to(device=device, dtype=torch.bool)
-            expected = int(input_features_mask.sum())
-            if n_audio_tokens is not None and n_audio_tokens != expected:
-                raise ValueError(
-                    f"input_ids hold {n_audio_tokens} audio tokens (id {audio_id}) but input_features_mask marks "
-                    f"{expected}; build ids and features together with GraniteSpeechProcessor"
-                )
-        if n_audio_tokens == 0:
-            raise ValueError(f"input_features were given but input_ids hold no audio token (id {audio_id}); put "
-                             "<|audio|> in the prompt and expand it with GraniteSpeechProcessor")
-    elif n_audio_tokens:
-        raise ValueError(f"input_ids hold {n_audio_tokens} audio tokens (id {audio_id}) but no input_features were "
-                         "given; pass the clips' features, or drop <|audio|> for a text-only prompt")
+    max_new_tokens, input_features, input_features_mask, device = _check_prompt(
+        model, input_ids, input_features, input_features_mask, max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if forced_tokens is not None:
         if forced_tokens.dim() != 2 or forced_tokens.shape[0] != input_ids.shape[0] or forced_tokens.shape[1] == 0:
             raise ValueError(f"forced_tokens must be [B={input_ids.shape[0]}, N>=1], got {tuple(forced_tokens.shape)}")
