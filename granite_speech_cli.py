@@ -28,8 +28,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("tiny", "3.3-2b", "3.3-8b")  # fms_granite_speech.config.VARIANTS (tests/test_cli_errors.py checks)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``PROG: error: MESSAGE; see PROG --help``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="granite-speech", description="IBM Granite Speech 3.3 on FMS.")
+    parser = _OneLineParser(prog="granite-speech", description="IBM Granite Speech 3.3 on FMS.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{transcribe}")
     p = sub.add_parser("transcribe", help="transcribe audio files (one line of text per file)",
                        description="Transcribe audio files. Accepted: WAV / FLAC / OGG, any sample rate (resampled "

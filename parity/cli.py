@@ -57,6 +57,13 @@ def _first_line(err: BaseException) -> str:
 # -- the parser (torch-free) --------------------------------------------------------------------------------------
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``PROG: error: MESSAGE; see PROG --help``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _add_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=None, help="named config with seeded random weights: tiny (default), 3.3-2b, "
                                                   "3.3-8b")
@@ -71,7 +78,7 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="parity",
         description="Layer-by-layer parity of the FMS Granite Speech model against the HF transformers reference.",
     )
