@@ -107,6 +107,22 @@ def build_hf_model(
     return model.to(device=device).eval()
 
 
+
+def fms_from_hf(hf_model: nn.Module, config: GraniteSpeechConfig) -> nn.Module:
+    """The FMS ``GraniteSpeech`` for ``config`` holding ``hf_model``'s weights, eval mode.
+
+    The HF state dict goes through FMS's ``load_state_dict_into_model`` with the registered ``granite_speech`` /
+    ``hf`` adapter (the code path of every checkpoint load), then ``post_init`` (ties, LoRA merge).
+    """
+    from fms.utils.serialization import load_state_dict_into_model
+
+    from fms_granite_speech.model import GraniteSpeech
+
+    fms = GraniteSpeech(config)
+    load_state_dict_into_model(fms, dict(hf_model.state_dict()), "granite_speech", "hf")
+    fms.post_init()
+    return fms.eval()
+
 def add_lora_adapter(model: nn.Module, lora: LoRAConfig, adapter_name: str = "default") -> nn.Module:
     """Attach a peft LoRA adapter (rank, alpha, targets from ``lora``) to the decoder of an HF Granite Speech model.
 

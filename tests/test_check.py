@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import parity.check
-from parity.check import evaluate, layer_group, load_suite, load_thresholds, run_cases, run_check, write_check_report
+from parity.check import evaluate, layer_group, load_thresholds, run_cases, run_check, write_check_report
 from parity.cli import main
 from parity.inputs import CASES
 from parity.metrics import default_tolerance

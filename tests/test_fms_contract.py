@@ -17,7 +17,6 @@ import torch
 from fms.models import get_model
 from fms.utils.fusion import apply_unfuse_weights
 from fms.utils.generation import generate, pad_input_ids
-from fms.utils.serialization import load_state_dict_into_model
 from torch._dynamo.utils import counters
 
 import fms_granite_speech as fgs
@@ -26,7 +25,7 @@ from fms_granite_speech.config import GraniteSpeechConfig, LoRAConfig, get_confi
 from fms_granite_speech.features import shipped_audio
 from fms_granite_speech.model import GraniteSpeech
 from fms_granite_speech.processor import GraniteSpeechProcessor
-from fms_granite_speech.testing import build_hf_model, write_hf_checkpoint
+from fms_granite_speech.testing import build_hf_model, fms_from_hf, write_hf_checkpoint
 from fms_granite_speech.tokenizer_utils import build_test_tokenizer
 
 PACKAGE = Path(fgs.__file__).parent
@@ -44,10 +43,7 @@ def untied():
     config = get_config("tiny")
     config = config.replace(decoder=config.decoder.updated(tie_heads=False))
     hf = build_hf_model(config, seed=1)
-    fms = GraniteSpeech(config)
-    load_state_dict_into_model(fms, dict(hf.state_dict()), "granite_speech", "hf")
-    fms.post_init()
-    return hf, fms, config
+    return hf, fms_from_hf(hf, config), config
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,12 @@ import json
 
 import pytest
 import torch
-from fms.utils.serialization import load_state_dict_into_model
 
 from fms_granite_speech.config import get_config
 from fms_granite_speech.features import shipped_audio
 from fms_granite_speech.generation import build_prompt, transcribe, transcribe_ids
-from fms_granite_speech.model import GraniteSpeech
 from fms_granite_speech.processor import GraniteSpeechProcessor
-from fms_granite_speech.testing import build_hf_model, lora_weights_are_nontrivial, write_hf_checkpoint
+from fms_granite_speech.testing import build_hf_model, fms_from_hf, lora_weights_are_nontrivial, write_hf_checkpoint
 from fms_granite_speech.tokenizer_utils import build_test_tokenizer
 from parity.generation import GenerationParity, compare_generation, format_table
 from parity.metrics import compare_tensors
@@ -38,10 +36,7 @@ TEXT_PROMPT = "<|start_of_role|>user<|end_of_role|>please write a sentence about
 def _pair(config, seed=0):
     hf = build_hf_model(config, seed=seed)
     assert lora_weights_are_nontrivial(hf)
-    fms = GraniteSpeech(config)
-    load_state_dict_into_model(fms, dict(hf.state_dict()), "granite_speech", "hf")
-    fms.post_init()
-    return hf, fms.eval()
+    return hf, fms_from_hf(hf, config)
 
 
 @pytest.fixture(scope="module")

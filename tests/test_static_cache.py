@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fms.utils.serialization import load_state_dict_into_model
 from torch._dynamo.utils import counters
 
 from fms_granite_speech.config import get_config
 from fms_granite_speech.features import shipped_audio
 from fms_granite_speech.generation import transcribe_ids
-from fms_granite_speech.model import GraniteSpeech
 from fms_granite_speech.processor import GraniteSpeechProcessor
 from fms_granite_speech.static_cache import StaticCache, StaticDecoder, generate_static
-from fms_granite_speech.testing import build_hf_model
+from fms_granite_speech.testing import build_hf_model, fms_from_hf
 from fms_granite_speech.tokenizer_utils import build_test_tokenizer
 
 NEW = 24
@@ -36,11 +34,9 @@ def models():
     config = get_config("tiny")
     config = config.replace(decoder=config.decoder.updated(tie_heads=False))
     hf = build_hf_model(config, seed=1)
-    fms = GraniteSpeech(config)
-    load_state_dict_into_model(fms, dict(hf.state_dict()), "granite_speech", "hf")
-    fms.post_init()
+    fms = fms_from_hf(hf, config)
     processor = GraniteSpeechProcessor(build_test_tokenizer(config.decoder.src_vocab_size, config.audio_token_index))
-    return hf, fms.eval(), processor
+    return hf, fms, processor
 
 
 def _hf(hf, inputs, new=NEW, eos=None):
