@@ -1,40 +1,51 @@
-"""Speed and memory of Granite Speech: the HF reference against the FMS port, eager and compiled.
+"""Speed of Granite Speech: the HF reference against the FMS port, measured side by side.
 
 Run from the repository root::
 
-    python benchmarks/bench.py --variant 3.3-2b --device cuda --dtype bfloat16 --compile --out bench-out
-    python benchmarks/bench.py --variant tiny --device cpu --dtype float32 --clips 3,10 --new-tokens 8 --out DIR
+    python benchmarks/bench.py --variant 3.3-2b --dtype bfloat16 --clips 10 --new-tokens 16 --out bench-2b-cpu
+    python benchmarks/bench.py --variant 3.3-2b --device cuda --dtype bfloat16 --compile --out bench-2b-gpu
+    python benchmarks/bench.py --variant tiny --dtype float32 --clips 3 --compile --out /tmp/bench-tiny
 
-Both models come from ``parity.pair.build_pair`` (same seeded random weights; FMS filled by the registered HF
-adapter). Batch 1, greedy decoding, a fixed number of new tokens (EOS is never allowed to stop early). For every
-engine (``hf``, ``fms``), mode (``eager``, ``compiled`` with ``--compile``) and clip length, one row holds:
+Both models come from ``parity.pair.build_pair`` (same seeded random weights, built directly in ``--dtype``) and take
+the same inputs (HF's processor output for a shipped espeak-ng speech clip tiled to each ``--clips`` length). Batch 1,
+greedy decoding, exactly ``--new-tokens`` tokens (EOS never stops a run).
 
-* ``enc_proj_ms``: encoder + projector on the clip's features (HF ``get_audio_features``, FMS
-  ``get_audio_embeddings``);
-* ``prefill_ms``: one forward over the whole prompt with audio, KV cache on, logits of the last position only;
-* ``decode_ms_per_token``: ``(e2e(n) - e2e(1)) / (n - 1)`` with ``e2e(k)`` the median generate time for ``k`` new
-  tokens, i.e. the cost of one more token including the generation loop's own overhead;
-* ``e2e_ms``: generate with ``--new-tokens`` tokens from features (feature extraction excluded);
-* ``rtf``: real-time factor, ``e2e seconds / clip seconds``;
-* ``peak_mib``: ``torch.cuda.max_memory_allocated`` during the end-to-end runs (None / "n/a" on CPU).
+**Interleaved.** Every measurement runs the engines in turn, one call each per round (HF, FMS, FMS static, HF, FMS,
+...), ``--warmup`` untimed rounds then ``--repeats`` timed ones, so machine drift (other load, frequency, caches)
+hits every engine alike and cannot bias a ratio. Each cell is the median of the timed rounds, with the minimum
+beside it. On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``.
 
-Extra rows: the decode step's memory-bandwidth floor (all decoder weight bytes, read once per token, divided by the
-device's copy bandwidth measured with a large ``Tensor.copy_``; bytes read + written per second), and the cost of
-the parity engine: ``parity.compare.run_parity`` over every layer against two plain forwards (one HF, one FMS) on the
-same inputs. Every time is the median of ``--repeats`` runs after ``--warmup`` runs, with
-``torch.cuda.synchronize()`` on both sides of each timed call on CUDA.
+Engines: ``hf`` (``GraniteSpeechForConditionalGeneration``), ``fms`` (``GraniteSpeech`` with FMS's ``generate``,
+``generation.transcribe_ids``), ``fms static`` (``static_cache.generate_static``: preallocated KV cache, eager).
+With ``--compile``, after the eager rounds: ``hf compiled`` (``nn.Module.compile`` of encoder, projector and
+language model), ``fms compiled`` (``compile.compile_model``, the three pieces), ``fms static compiled`` (the
+static-cache decode step compiled fullgraph; ``mode="reduce-overhead"``, CUDA graphs, on CUDA).
 
-Audio: a shipped espeak-ng speech clip (``fms_granite_speech/data``), tiled to each requested length (never a tone).
+Quantities (one table row each, per clip):
 
-Outputs: one table printed with ``tabulate``, plus ``bench.md`` and ``bench.json`` in ``--out`` (device name,
-torch / transformers / ibm-fms versions, date, arguments, notes about skipped rows).
+* ``enc+proj``: encoder + projector on the clip's features (HF ``get_audio_features``, FMS ``get_audio_embeddings``);
+* ``prefill``: one forward over the whole prompt with audio, KV cache on, logits of the last position only;
+* ``decode/token``: from the end-to-end runs, ``(t[token n] - t[token 1]) / (n - 1)`` with ``t`` a timestamp (after a
+  device sync) taken as each token is handed out (HF's ``streamer`` protocol, FMS's ``step_callback``): one decode
+  step including the generation loop's own overhead;
+* ``e2e``: generate from features to ``--new-tokens`` tokens (feature extraction excluded); ``RTF`` = e2e / clip;
+* ``decode x-floor``: decode/token over the memory-read floor, the least time a step can take when it must read
+  every decoder weight once: decoder parameter bytes (tied embedding/head once) / the device's read bandwidth,
+  measured with ``Tensor.sum`` over a ``--read-mib`` float32 tensor (bytes read per second).
+
+Ratio columns, of medians (below 1: FMS is faster): ``fms/hf`` and ``static/hf`` eager, the same compiled, and
+``compiled static/eager fms`` (the compiled static-cache step against FMS's eager path). A last pair of rows gives
+the parity engine's cost: ``parity.compare.run_parity`` over every layer against two plain forwards (``--no-parity``
+skips it). Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA, n/a on CPU.
+
+Outputs: the table on stdout (``tabulate``), and with ``--out`` ``bench.md`` and ``bench.json`` (device, CPU threads,
+torch / transformers / ibm-fms versions, date, arguments, every timed sample).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import importlib.metadata
 import json
 import math
@@ -43,6 +54,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -53,17 +65,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SAMPLE_RATE = 16000
-COLUMNS = [
-    ("name", "row"),
-    ("clip_s", "clip s"),
-    ("enc_proj_ms", "enc+proj ms"),
-    ("prefill_ms", "prefill ms"),
-    ("decode_ms_per_token", "decode ms/tok"),
-    ("e2e_ms", "e2e ms"),
-    ("rtf", "RTF"),
-    ("peak_mib", "peak MiB"),
-    ("note", "note"),
-]
+QUANTITIES = ("enc+proj", "prefill", "decode/token", "e2e", "RTF", "decode x-floor", "peak MiB")
 
 
 # -- timing primitives ------------------------------------------------------------------------------------------------
@@ -74,23 +76,56 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``repeats`` runs, after ``warmup`` untimed runs.
+def interleaved(calls: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int,
+                failed: Optional[dict[str, str]] = None) -> dict[str, list[float]]:
+    """Wall times in ms of each call over ``repeats`` timed rounds, after ``warmup`` untimed rounds.
 
-    On CUDA the device is synchronized before and after every timed call, so queued kernels are counted.
+    A round calls every entry of ``calls`` once, in order; so the engines alternate (A, B, A, B, ...) and share the
+    machine's state. On CUDA the device is synchronized before and after each timed call.
+
+    Args:
+        failed: where given, a call that raises is dropped from later rounds and its error recorded here
+            (``{name: "ErrorType: first line"}``), so one engine's failure (e.g. a compiler error) leaves the others'
+            numbers; where None, errors propagate.
+
+    Returns:
+        ``{name: [ms, ...]}``, ``repeats`` samples per name that never failed.
     """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    live = dict(calls)
     with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for round_ in range(warmup + repeats):
+            for name, fn in list(live.items()):
+                _sync(device)
+                start = time.perf_counter()
+                try:
+                    fn()
+                    _sync(device)
+                except Exception as err:  # noqa: BLE001 - recorded and reported by the caller
+                    if failed is None:
+                        raise
+                    text = str(err).strip()
+                    failed[name] = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+                    del live[name], times[name]
+                    continue
+                if round_ >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def read_bandwidth_gbs(device: torch.device, mib: int, repeats: int) -> float:
+    """Device memory read bandwidth in GB/s (1e9 bytes/s): bytes of a ``mib`` MiB float32 tensor over the median time
+    of ``Tensor.sum`` on it (one read of every byte, a scalar written), after one warm-up."""
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
+    ms = statistics.median(interleaved({"sum": src.sum}, device, repeats=max(repeats, 5), warmup=1)["sum"])
+    nbytes = src.numel() * src.element_size()
+    del src
+    return nbytes / (ms / 1e3) / 1e9
+
+
+def decoder_weight_bytes(fms_model: torch.nn.Module) -> int:
+    """Bytes of every distinct decoder parameter (tied embedding/head counted once): what one decode step reads."""
+    return sum(p.numel() * p.element_size() for p in fms_model.decoder.parameters())  # parameters() dedups ties
 
 
 class PeakMemory:
@@ -112,27 +147,7 @@ class PeakMemory:
             self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
 
 
-def copy_bandwidth_gbs(device: torch.device, mib: int, repeats: int) -> float:
-    """Device memory bandwidth in GB/s (1e9 bytes/s) measured with ``dst.copy_(src)`` of a ``mib`` MiB tensor.
-
-    Counts bytes read plus bytes written (``2 * nbytes``) per copy, the same traffic convention as the weight-read
-    floor it is divided into. Median of ``repeats`` copies after one warm-up.
-    """
-    n = mib * 2**20 // 4
-    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, repeats=max(repeats, 3), warmup=1)
-    nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
-    return nbytes / (ms / 1e3) / 1e9
-
-
-def decoder_weight_bytes(fms_model: torch.nn.Module) -> int:
-    """Bytes of every distinct decoder parameter (tied embedding/head counted once): what one decode step reads."""
-    return sum(p.numel() * p.element_size() for p in fms_model.decoder.parameters())  # parameters() dedups ties
-
-
-# -- audio and inputs -------------------------------------------------------------------------------------------------
+# -- audio ------------------------------------------------------------------------------------------------------------
 
 
 def tiled_speech(seconds: float, name: Optional[str] = None) -> torch.Tensor:
@@ -150,23 +165,42 @@ def tiled_speech(seconds: float, name: Optional[str] = None) -> torch.Tensor:
         raise ValueError(f"the shipped clip is {rate} Hz, expected {SAMPLE_RATE}")
     wave = wave.mean(dim=0)
     samples = int(round(seconds * SAMPLE_RATE))
-    reps = math.ceil(samples / wave.numel())
-    return wave.repeat(reps)[:samples].contiguous()
+    return wave.repeat(math.ceil(samples / wave.numel()))[:samples].contiguous()
 
 
-# -- the two engines --------------------------------------------------------------------------------------------------
+def model_inputs(inputs, device: torch.device, dtype: torch.dtype):
+    """HF's processor output on ``device`` with the features in the models' ``dtype`` (HF's modules do not cast
+    their input; both engines get the same tensors)."""
+    import dataclasses
+
+    inputs = inputs.to(device)
+    return dataclasses.replace(inputs, input_features=inputs.input_features.to(dtype), fms=None)
 
 
-def _hf_engine(hf, inputs, new_tokens: int, pad_id: int):
+# -- the engines ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Engine:
+    """One way of running the model on one clip's inputs.
+
+    ``enc_proj`` / ``prefill``: zero-argument calls (None where the engine shares another's, e.g. the static cache
+    changes decoding only). ``generate(stamp)``: a zero-argument call generating ``new_tokens`` tokens that calls
+    ``stamp()`` as each new token is handed out.
+    """
+
+    name: str
+    generate: Callable[[Callable[[], None]], Callable[[], Any]]
+    enc_proj: Optional[Callable[[], Any]] = None
+    prefill: Optional[Callable[[], Any]] = None
+    decode: list = field(default_factory=list)  # ms per token of each end-to-end run
+
+
+def hf_engine(hf, inputs, new_tokens: int, pad_id: int, name: str = "hf") -> Engine:
+    """HF: ``get_audio_features``, a ``logits_to_keep=1`` forward, ``generate`` with a streamer for the stamps."""
     ids, feats, mask = inputs.input_ids, inputs.input_features, inputs.input_features_mask
 
-    def enc_proj():
-        return hf.get_audio_features(feats).pooler_output
-
-    def prefill():
-        return hf(input_ids=ids, input_features=feats, input_features_mask=mask, use_cache=True, logits_to_keep=1)
-
-    def generate(n: int, stamp: Callable[[], None]):
+    def generate(stamp):
         class Stamps:  # transformers' streamer protocol: put(prompt ids), then put(token) after every step
             def put(self, value):
                 stamp()
@@ -175,84 +209,141 @@ def _hf_engine(hf, inputs, new_tokens: int, pad_id: int):
                 pass
 
         return lambda: hf.generate(input_ids=ids, input_features=feats, input_features_mask=mask,
-                                   attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=pad_id, streamer=Stamps())
+                                   attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id, streamer=Stamps())
 
-    return enc_proj, prefill, generate
+    return Engine(name, generate,
+                  enc_proj=lambda: hf.get_audio_features(feats).pooler_output,
+                  prefill=lambda: hf(input_ids=ids, input_features=feats, input_features_mask=mask, use_cache=True,
+                                     logits_to_keep=1))
 
 
-def _fms_engine(fms, inputs, new_tokens: int, pad_id: int):
+def fms_engine(fms, inputs, new_tokens: int, pad_id: int, name: str = "fms") -> Engine:
+    """FMS: ``get_audio_embeddings``, a ``last_n_tokens=1`` forward, ``transcribe_ids`` (FMS ``generate``)."""
     from fms_granite_speech.generation import transcribe_ids
 
     ids, feats, mask = inputs.input_ids, inputs.input_features, inputs.input_features_mask
 
-    def enc_proj():
-        return fms.get_audio_embeddings(feats)
+    def generate(stamp):
+        return lambda: transcribe_ids(fms, ids, feats, mask, max_new_tokens=new_tokens, pad_token_id=pad_id,
+                                      step_callback=lambda step, logits, tokens: stamp())
 
-    def prefill():
-        return fms(ids, input_features=feats, input_features_mask=mask, use_cache=True, last_n_tokens=1)
-
-    def generate(n: int, stamp: Callable[[], None]):
-        return lambda: transcribe_ids(fms, ids, feats, mask, max_new_tokens=n, eos_token_id=None,
-                                      pad_token_id=pad_id, step_callback=lambda step, logits, tokens: stamp())
-
-    return enc_proj, prefill, generate
+    return Engine(name, generate, enc_proj=lambda: fms.get_audio_embeddings(feats),
+                  prefill=lambda: fms(ids, input_features=feats, input_features_mask=mask, use_cache=True,
+                                      last_n_tokens=1))
 
 
-def measure_engine(name: str, mode: str, engine, clip_s: float, device: torch.device, args) -> dict:
-    """One table row: enc+proj, prefill, decode ms/token, e2e, RTF and peak memory of one engine on one clip.
+def static_engine(fms, inputs, new_tokens: int, pad_id: int, compiled: bool, device: torch.device,
+                  backend: str) -> Engine:
+    """FMS with the preallocated KV cache (``static_cache.generate_static``); one ``StaticDecoder`` reused by every
+    run, so a compiled step is compiled once (in the warm-up rounds)."""
+    from fms_granite_speech.static_cache import StaticCache, StaticDecoder, generate_static
 
-    Decode ms/token comes from the end-to-end runs themselves: a timestamp (after a device sync) is taken as each
-    new token is handed out (HF: the ``streamer`` protocol; FMS: ``transcribe_ids``'s ``step_callback``), and
-    ``(t[token n] - t[token 1]) / (n - 1)`` is the per-token cost of the decode loop after prefill; the median over
-    the repeats is reported.
+    ids, feats, mask = inputs.input_ids, inputs.input_features, inputs.input_features_mask
+    mode = "reduce-overhead" if compiled and device.type == "cuda" else None
+    decoder = StaticDecoder(fms, StaticCache.allocate(fms, ids.shape[0], ids.shape[1] + new_tokens),
+                            compile=compiled, mode=mode, backend=backend)
+
+    def generate(stamp):
+        return lambda: generate_static(fms, ids, feats, mask, max_new_tokens=new_tokens, pad_token_id=pad_id,
+                                       decoder=decoder, step_callback=lambda step, logits, tokens: stamp())
+
+    return Engine("fms static compiled" if compiled else "fms static", generate)
+
+
+def measure(engines: Sequence[Engine], clip_s: float, device: torch.device, args,
+            notes: Optional[list[str]] = None) -> list[dict]:
+    """The rows of one clip for ``engines`` (one mode), every quantity measured interleaved across them.
+
+    An engine whose call raises (e.g. inductor failing to build a kernel) is dropped from that quantity on, and the
+    error is appended to ``notes``; the other engines' rows are kept.
+
+    Returns:
+        one dict per quantity: ``{"kind": "timing", "clip_s", "quantity", "unit", "engines": {name: {"median",
+        "min", "samples"}}}``; ``decode/token`` comes from the ``e2e`` runs' stamps; peak MiB per engine (CUDA).
     """
-    enc_proj, prefill, generate = engine
     r, w, n = args.repeats, args.warmup, args.new_tokens
-    row = {"kind": "engine", "name": f"{name} {mode}", "engine": name, "mode": mode, "clip_s": clip_s}
-    row["enc_proj_ms"] = time_ms(enc_proj, device, r, w)
-    row["prefill_ms"] = time_ms(prefill, device, r, w)
+    failed: dict[str, str] = {}
+    rows = []
+    for quantity, attr in (("enc+proj", "enc_proj"), ("prefill", "prefill")):
+        calls = {e.name: getattr(e, attr) for e in engines if getattr(e, attr) is not None and e.name not in failed}
+        rows.append(_row(clip_s, quantity, "ms", interleaved(calls, device, r, w, failed)))
 
     stamps: list[float] = []
+    peaks: dict[str, Optional[float]] = {}
 
     def stamp() -> None:
         _sync(device)
         stamps.append(time.perf_counter())
 
-    run = generate(n, stamp)
-    decode: list[float] = []
+    def e2e(engine: Engine) -> Callable[[], None]:
+        run = engine.generate(stamp)
 
-    def e2e() -> None:
-        stamps.clear()
-        run()
-        if len(stamps) < n:
-            raise RuntimeError(f"{name} generate reported {len(stamps)} tokens, expected {n}")
-        decode.append((stamps[-1] - stamps[-n]) * 1e3 / (n - 1))
+        def call() -> None:
+            stamps.clear()
+            with PeakMemory(device) as peak:
+                run()
+            if len(stamps) < n:
+                raise RuntimeError(f"{engine.name} handed out {len(stamps)} tokens, expected {n}")
+            engine.decode.append((stamps[-1] - stamps[-n]) * 1e3 / (n - 1))
+            peaks[engine.name] = None if peak.mib is None else max(peak.mib, peaks.get(engine.name) or 0.0)
+        return call
 
-    with PeakMemory(device) as peak:
-        row["e2e_ms"] = time_ms(e2e, device, r, w)
-    row["decode_ms_per_token"] = statistics.median(decode[w:])
-    row["rtf"] = row["e2e_ms"] / 1e3 / clip_s
-    row["peak_mib"] = peak.mib
-    row["note"] = f"{n} tokens, greedy"
-    return row
+    times = interleaved({e.name: e2e(e) for e in engines if e.name not in failed}, device, r, w, failed)
+    rows.append(_row(clip_s, "decode/token", "ms", {e.name: e.decode[w:] for e in engines if e.name in times}))
+    rows.append(_row(clip_s, "e2e", "ms", times))
+    rows.append(_row(clip_s, "RTF", "", {k: [t / 1e3 / clip_s for t in v] for k, v in times.items()}))
+    rows.append({"kind": "timing", "clip_s": clip_s, "quantity": "peak MiB", "unit": "MiB",
+                 "engines": {k: {"median": peaks.get(k), "min": peaks.get(k), "samples": []} for k in times}})
+    if notes is not None:
+        notes += [f"{name} ({clip_s:g} s clip) dropped: {error}" for name, error in failed.items()]
+    return rows
 
+
+def _row(clip_s: float, quantity: str, unit: str, samples: dict[str, list[float]]) -> dict:
+    return {"kind": "timing", "clip_s": clip_s, "quantity": quantity, "unit": unit,
+            "engines": {k: {"median": statistics.median(v), "min": min(v), "samples": v} for k, v in samples.items()}}
+
+
+def floor_rows(rows: list[dict], floor_ms: float) -> list[dict]:
+    """``decode x-floor`` rows: each decode/token row's medians and minimums over the floor (ms)."""
+    out = []
+    for row in rows:
+        if row["quantity"] == "decode/token":
+            out.append({**row, "quantity": "decode x-floor", "unit": "x",
+                        "engines": {k: {"median": v["median"] / floor_ms, "min": v["min"] / floor_ms,
+                                        "samples": [s / floor_ms for s in v["samples"]]}
+                                    for k, v in row["engines"].items()}})
+    return out
+
+
+
+def merge_rows(rows: list[dict]) -> list[dict]:
+    """One row per (clip, quantity) with the engines of every pass (eager, compiled) side by side, in clip then
+    ``QUANTITIES`` order."""
+    merged: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["clip_s"], row["quantity"])
+        if key in merged:
+            merged[key]["engines"].update(row["engines"])
+        else:
+            merged[key] = {**row, "engines": dict(row["engines"])}
+    return sorted(merged.values(), key=lambda r: (r["clip_s"], QUANTITIES.index(r["quantity"])))
 
 # -- compile ----------------------------------------------------------------------------------------------------------
 
 
 def compile_hf(hf, backend: str = "inductor") -> None:
-    """``torch.compile`` HF's encoder, projector and language model in place (``nn.Module.compile``), as in the
-    reference anchors (BENCHMARKS.md)."""
+    """``torch.compile`` HF's encoder, projector and language model in place (``nn.Module.compile``)."""
     for module in (hf.model.encoder, hf.model.projector, hf.model.language_model):
         module.compile(backend=backend)
 
 
 def compile_fms(fms, backend: str = "inductor"):
-    """The project's ``fms_granite_speech.compile.compile_model`` (raises ImportError while it is not there)."""
-    module = importlib.import_module("fms_granite_speech.compile")
-    out = module.compile_model(fms, backend=backend)
-    return fms if out is None else out
+    """``fms_granite_speech.compile.compile_model`` on the encoder, projector and decoder (in place)."""
+    from fms_granite_speech.compile import compile_model
+
+    return compile_model(fms, backend=backend)
 
 
 # -- parity engine cost -----------------------------------------------------------------------------------------------
@@ -268,25 +359,18 @@ def measure_parity(pair, inputs, clip_s: float, device: torch.device, args) -> l
         pair.fms(inputs.input_ids, input_features=inputs.input_features,
                  input_features_mask=inputs.input_features_mask)
 
-    result_box = {}
-
-    def parity():
-        result_box["r"] = run_parity(pair, inputs)
-
-    with PeakMemory(device) as peak_plain:
-        plain_ms = time_ms(plain, device, args.repeats, args.warmup)
-    with PeakMemory(device) as peak_parity:
-        parity_ms = time_ms(parity, device, args.repeats, min(args.warmup, 1))
-    res = result_box["r"]
-    ratio = parity_ms / plain_ms
-    mem = ("" if peak_parity.mib is None or peak_plain.mib is None
-           else f", memory x{peak_parity.mib / peak_plain.mib:.2f}")
+    box = {}
+    times = interleaved({"plain": plain, "parity": lambda: box.update(r=run_parity(pair, inputs))}, device,
+                        args.repeats, min(args.warmup, 1))
+    res = box["r"]
+    plain_ms, parity_ms = statistics.median(times["plain"]), statistics.median(times["parity"])
     return [
-        {"kind": "parity", "name": "parity run_parity (all layers)", "clip_s": clip_s, "e2e_ms": parity_ms,
-         "peak_mib": peak_parity.mib, "layers": len(res.layers), "passed": bool(res.passed),
-         "note": f"{len(res.layers)} layers, {'pass' if res.passed else 'FAIL'}; time x{ratio:.2f} of 2 forwards{mem}"},
-        {"kind": "parity_baseline", "name": "2 plain forwards (HF + FMS)", "clip_s": clip_s, "e2e_ms": plain_ms,
-         "peak_mib": peak_plain.mib, "note": "no hooks, no cache"},
+        {"kind": "parity", "name": "parity run_parity (all layers)", "clip_s": clip_s, "median_ms": parity_ms,
+         "min_ms": min(times["parity"]), "layers": len(res.layers), "passed": bool(res.passed),
+         "note": f"{len(res.layers)} layers, {'pass' if res.passed else 'FAIL'}; x{parity_ms / plain_ms:.2f} of 2 "
+                 "plain forwards"},
+        {"kind": "parity_baseline", "name": "2 plain forwards (HF + FMS)", "clip_s": clip_s, "median_ms": plain_ms,
+         "min_ms": min(times["plain"]), "note": "no hooks, no cache"},
     ]
 
 
@@ -302,8 +386,16 @@ def _version(dist: str) -> Optional[str]:
 
 def environment(device: torch.device) -> dict:
     """Device name, library versions, date: the JSON's ``meta``."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
-                                                                              platform.machine())
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            model = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("model name"))
+            name = model.split(":", 1)[1].strip()
+        except (OSError, StopIteration):
+            pass
     return {
         "device": str(device),
         "device_name": name,
@@ -320,24 +412,50 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}" if abs(value) < 1e4 else f"{value:.0f}"
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 1e4 else f"{value:.0f}"
     return str(value)
 
 
+ENGINE_ORDER = ("hf", "fms", "fms static", "hf compiled", "fms compiled", "fms static compiled")
+RATIOS = (("fms/hf", "fms", "hf"), ("static/hf", "fms static", "hf"),
+          ("compiled fms/hf", "fms compiled", "hf compiled"),
+          ("compiled static/hf", "fms static compiled", "hf compiled"),
+          ("compiled static/eager fms", "fms static compiled", "fms"))
+
+
 def table(rows: Sequence[dict], tablefmt: str) -> str:
-    """The rows as one ``tabulate`` table (missing cells blank, peak memory "n/a" where not measured)."""
+    """The timing rows as one ``tabulate`` table: per engine a cell ``median (min)``, then the median ratios; the
+    parity-cost and floor rows after it."""
     from tabulate import tabulate
 
+    timing = [r for r in rows if r["kind"] == "timing"]
+    seen = list(dict.fromkeys(name for r in timing for name in r["engines"]))
+    engines = [e for e in ENGINE_ORDER if e in seen] + [e for e in seen if e not in ENGINE_ORDER]
+    ratios = [(label, a, b) for label, a, b in RATIOS if a in engines and b in engines]
+    headers = ["clip s", "quantity"] + engines + [label for label, _, _ in ratios]
     body = []
-    for row in rows:
-        cells = []
-        for key, _ in COLUMNS:
-            if key not in row:
+    for r in timing:
+        cells = [_fmt(r["clip_s"]), r["quantity"] + (f" {r['unit']}" if r["unit"] in ("ms",) else "")]
+        for e in engines:
+            v = r["engines"].get(e)
+            if v is None:
                 cells.append("")
+            elif v["median"] is None or len(v["samples"]) <= 1:
+                cells.append(_fmt(v["median"]))
             else:
-                cells.append(_fmt(row[key]))
+                cells.append(f"{_fmt(v['median'])} ({_fmt(v['min'])})")
+        for _, a, b in ratios:
+            va, vb = r["engines"].get(a), r["engines"].get(b)
+            ok = va and vb and va["median"] is not None and vb["median"]
+            cells.append(f"{va['median'] / vb['median']:.2f}" if ok else "")
         body.append(cells)
-    return tabulate(body, headers=[h for _, h in COLUMNS], tablefmt=tablefmt, disable_numparse=True)
+    text = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    extra = [[r["name"], _fmt(r.get("median_ms")), _fmt(r.get("min_ms")), r.get("note", "")]
+             for r in rows if r["kind"] != "timing"]
+    if extra:
+        text += "\n\n" + tabulate(extra, headers=["row", "median ms", "min ms", "note"], tablefmt=tablefmt,
+                                  disable_numparse=True)
+    return text
 
 
 # -- main -------------------------------------------------------------------------------------------------------------
@@ -372,21 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="tiny", help="tiny, 3.3-2b or 3.3-8b (seeded random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16, float16")
-    p.add_argument("--clips", type=_clips, default=[3.0, 10.0, 30.0], help="clip lengths in seconds (3,10,30)")
+    p.add_argument("--clips", type=_clips, default=[10.0], help="clip lengths in seconds (default 10)")
     p.add_argument("--new-tokens", type=_positive(2), default=64, help="greedy tokens per generate (>= 2)")
-    p.add_argument("--repeats", type=_positive(1), default=5, help="timed runs per measurement (median)")
-    p.add_argument("--warmup", type=_positive(0), default=2, help="untimed runs before each measurement")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    p.add_argument("--repeats", type=_positive(1), default=5, help="timed rounds per measurement")
+    p.add_argument("--warmup", type=_positive(0), default=2, help="untimed rounds before each measurement")
+    p.add_argument("--compile", action="store_true", help="also measure the compiled engines")
     p.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend for --compile (inductor; aot_eager to check tracing on CPU)")
+                   help="torch.compile backend for --compile (inductor; aot_eager to check tracing only)")
+    p.add_argument("--no-static", action="store_true", help="skip the static-KV-cache engines")
     p.add_argument("--no-parity", action="store_true", help="skip the parity-engine cost rows")
     p.add_argument("--parity-clip", type=float, default=None,
                    help="clip seconds for the parity-cost rows (default: the shortest of --clips)")
-    p.add_argument("--copy-mib", type=_positive(1), default=None,
-                   help="tensor size for the bandwidth copy (default 1024 on CUDA, 256 on CPU)")
+    p.add_argument("--read-mib", type=_positive(1), default=None,
+                   help="tensor size for the read-bandwidth measurement (default 2048 on CUDA, 1024 on CPU)")
     p.add_argument("--audio", default=None, help="shipped clip name to tile (fox, ships, transcribe)")
-    p.add_argument("--threads", type=_positive(1), default=None,
-                   help="torch CPU intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
+    p.add_argument("--threads", type=_positive(1), default=None, help="torch CPU intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="folder for bench.md and bench.json")
     return p
@@ -414,82 +532,65 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parser.error(str(err))
     device = pair.device
     notes: list[str] = []
-    rows: list[dict] = []
     pad_id = getattr(pair.get_tokenizer(), "pad_token_id", None) or 0
+    inputs = {c: model_inputs(build_inputs(pair, audio=tiled_speech(c, args.audio), sampling_rate=SAMPLE_RATE),
+                              device, dtype) for c in args.clips}
+    n = args.new_tokens
 
-    inputs = {}
+    rows: list[dict] = []
     for clip_s in args.clips:
-        wave = tiled_speech(clip_s, args.audio)
-        inputs[clip_s] = build_inputs(pair, audio=wave, sampling_rate=SAMPLE_RATE)
+        x = inputs[clip_s]
+        engines = [hf_engine(pair.hf, x, n, pad_id), fms_engine(pair.fms, x, n, pad_id)]
+        if not args.no_static:
+            engines.append(static_engine(pair.fms, x, n, pad_id, False, device, args.compile_backend))
+        rows += measure(engines, clip_s, device, args, notes)
 
-    try:
-        importlib.import_module("fms_granite_speech.generation")
-        fms_ok = True
-    except ImportError as err:
-        fms_ok = False
-        notes.append(f"FMS rows skipped: fms_granite_speech.generation is not importable ({err})")
-
-    def run_mode(mode: str, hf, fms) -> None:
-        for clip_s in args.clips:
-            x = inputs[clip_s]
-            if hf is not None:
-                rows.append(measure_engine("hf", mode, _hf_engine(hf, x, args.new_tokens, pad_id), clip_s, device,
-                                           args))
-            if fms is not None:
-                rows.append(measure_engine("fms", mode, _fms_engine(fms, x, args.new_tokens, pad_id), clip_s,
-                                           device, args))
-
-    run_mode("eager", pair.hf, pair.fms if fms_ok else None)
-
-    # bandwidth floor of one decode step
-    copy_mib = args.copy_mib or (1024 if device.type == "cuda" else 256)
-    bandwidth = copy_bandwidth_gbs(device, copy_mib, args.repeats)
+    read_mib = args.read_mib or (2048 if device.type == "cuda" else 1024)
+    bandwidth = read_bandwidth_gbs(device, read_mib, args.repeats)
     weights = decoder_weight_bytes(pair.fms)
-    rows.append({"kind": "floor", "name": "decode floor (weights / bandwidth)",
-                 "decode_ms_per_token": weights / (bandwidth * 1e9) * 1e3, "weight_bytes": weights,
-                 "bandwidth_gbs": bandwidth,
-                 "note": f"{weights / 1e6:.4g} MB decoder weights / {bandwidth:.0f} GB/s copy ({copy_mib} MiB)"})
+    floor_ms = weights / (bandwidth * 1e9) * 1e3
+    floor = {"kind": "floor", "name": "decode floor (decoder weights / read bandwidth)", "median_ms": floor_ms,
+             "weight_bytes": weights, "bandwidth_gbs": bandwidth,
+             "note": f"{weights / 1e9:.4g} GB decoder weights / {bandwidth:.1f} GB/s (sum over {read_mib} MiB)"}
 
     if not args.no_parity:
-        parity_clip = args.parity_clip if args.parity_clip is not None else min(args.clips)
-        x = inputs.get(parity_clip) or build_inputs(pair, audio=tiled_speech(parity_clip, args.audio),
-                                                    sampling_rate=SAMPLE_RATE)
-        rows.extend(measure_parity(pair, x, parity_clip, device, args))
+        clip = args.parity_clip if args.parity_clip is not None else min(args.clips)
+        x = inputs.get(clip) or model_inputs(build_inputs(pair, audio=tiled_speech(clip, args.audio),
+                                                          sampling_rate=SAMPLE_RATE), device, dtype)
+        extra = measure_parity(pair, x, clip, device, args)
+    else:
+        extra = []
 
     if args.compile:
-        hf_c, fms_c = pair.hf, None
         try:
             compile_hf(pair.hf, args.compile_backend)
-        except Exception as err:  # noqa: BLE001 - a backend failure is reported, not fatal
-            hf_c = None
-            notes.append(f"HF compiled rows skipped: torch.compile failed ({type(err).__name__}: {err})")
-        if fms_ok:
-            try:
-                fms_c = compile_fms(pair.fms, args.compile_backend)
-            except ImportError as err:
-                notes.append(f"FMS compiled rows skipped: fms_granite_speech.compile is not importable ({err})")
-            except Exception as err:  # noqa: BLE001
-                notes.append(f"FMS compiled rows skipped: compile_model failed ({type(err).__name__}: {err})")
-        for label, hf_m, fms_m in (("HF", hf_c, None), ("FMS", None, fms_c)):
-            if hf_m is None and fms_m is None:
-                continue
-            try:
-                run_mode("compiled", hf_m, fms_m)
-            except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for inductor on CPU
-                first = str(err).splitlines()[0] if str(err) else ""
-                notes.append(f"{label} compiled rows stopped: {type(err).__name__}: {first}")
-                traceback.print_exc(file=sys.stderr)
+            compile_fms(pair.fms, args.compile_backend)
+            for clip_s in args.clips:
+                x = inputs[clip_s]
+                engines = [hf_engine(pair.hf, x, n, pad_id, "hf compiled"),
+                           fms_engine(pair.fms, x, n, pad_id, "fms compiled")]
+                if not args.no_static:
+                    engines.append(static_engine(pair.fms, x, n, pad_id, True, device, args.compile_backend))
+                rows += measure(engines, clip_s, device, args, notes)
+        except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for inductor: reported, eager rows kept
+            first = str(err).splitlines()[0] if str(err) else ""
+            notes.append(f"compiled rows stopped: {type(err).__name__}: {first}")
+            traceback.print_exc(file=sys.stderr)
 
+    rows = merge_rows(rows + floor_rows(rows, floor_ms))
+    rows += [floor] + extra
     doc = {
         "meta": {**environment(device), "variant": args.variant, "dtype": str(dtype).removeprefix("torch."),
-                 "batch": 1, "decoding": "greedy", "new_tokens": args.new_tokens, "repeats": args.repeats,
-                 "warmup": args.warmup, "statistic": "median", "audio": "shipped speech clip tiled",
+                 "batch": 1, "decoding": "greedy", "new_tokens": n, "repeats": args.repeats, "warmup": args.warmup,
+                 "order": "interleaved", "audio": "shipped speech clip tiled",
                  "weights": pair.provenance()["weights"]},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "rows": rows,
         "notes": notes,
     }
     text = table(rows, "simple")
+    print(f"{args.variant} {doc['meta']['dtype']} on {doc['meta']['device_name']}: cells are median (min) ms of "
+          f"{args.repeats} interleaved rounds")
     print(text)
     for note in notes:
         print(f"note: {note}")
@@ -497,10 +598,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = doc["meta"]
         md = [f"# Granite Speech benchmark: {args.variant}, {meta['dtype']}, {meta['device_name']}", "",
-              f"torch {meta['torch']}, transformers {meta['transformers']}, ibm-fms {meta['ibm-fms']}; "
-              f"{meta['date']}; batch 1, greedy, {args.new_tokens} new tokens, median of {args.repeats} "
-              f"(warm-up {args.warmup}).", "", table(rows, "github"), ""]
-        md += [f"- {n}" for n in notes]
+              f"{meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}, ibm-fms "
+              f"{meta['ibm-fms']}; {meta['cpu_threads']} CPU threads; batch 1, greedy, {n} new tokens; engines "
+              f"interleaved; each cell median (min) of {args.repeats} rounds after {args.warmup} warm-up.", "",
+              table(rows, "github"), ""]
+        md += [f"- {note}" for note in notes]
         (args.out / "bench.md").write_text("\n".join(md) + "\n")
         (args.out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
     return doc
