@@ -58,7 +58,10 @@ def run_section(side: str, model: nn.Module, inputs, upto: str, dtype: torch.dty
         elif upto == "projector":
             model.model.projector(model.model.encoder(feats).last_hidden_state)
         elif not compose:
-            model(input_ids=inputs.input_ids, input_features=feats, input_features_mask=inputs.input_features_mask)
+            # no cache: a DynamicCache's per-layer state would be guarded by dynamo in compiled modes (one
+            # recompile per decoder layer), and a parity forward never reads it
+            model(input_ids=inputs.input_ids, input_features=feats, input_features_mask=inputs.input_features_mask,
+                  use_cache=False)
         else:
             ids = inputs.input_ids
             if feats is not None:
