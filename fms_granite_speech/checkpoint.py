@@ -122,15 +122,15 @@ def load_checkpoint(
     hf_adapter = _fms_compat.adapter(ARCHITECTURE, "hf")
 
     try:
-        handles = [safe_open(str(f), framework="pt", device=str(device)) for f in files]
         where: dict[str, int] = {}
         problems: list[tuple[str, str]] = []  # (key, message)
-        for n, handle in enumerate(handles):
-            for key in handle.keys():
-                if key in where:
-                    problems.append((key, f"tensor {key!r} is stored twice ({files[where[key]].name} and "
-                                          f"{files[n].name})"))
-                where[key] = n
+        for n, f in enumerate(files):
+            with safe_open(str(f), framework="pt", device=str(device)) as handle:
+                for key in handle.keys():
+                    if key in where:
+                        problems.append((key, f"tensor {key!r} is stored twice ({files[where[key]].name} and "
+                                              f"{files[n].name})"))
+                    where[key] = n
 
         loaded: set[str] = set()
         remaining = set(where)
@@ -140,9 +140,16 @@ def load_checkpoint(
             group = {key, *_fms_compat.key_neighbors(key, remaining - {key})}
             remaining -= group
             partial = {}
-            for k in group:
-                t = handles[where[k]].get_tensor(k)
-                partial[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            # Each group opens the shards it needs and closes them after: tensors are copied out of the memory map
+            # (``copy=True``), so no mapping outlives its group and the process holds one copy of the weights, not
+            # the model plus every mapped shard page it has read (3.3-2b bf16: 9.9 GB anonymous + 5.9 GB mapped
+            # file pages before, about the model's 6 GB after).
+            for n in sorted({where[k] for k in group}):
+                with safe_open(str(files[n]), framework="pt", device=str(device)) as handle:
+                    for k in sorted(k for k in group if where[k] == n):
+                        t = handle.get_tensor(k)
+                        partial[k] = t.to(dtype if dtype is not None and t.is_floating_point() else t.dtype,
+                                          copy=True)
             adapted = hf_adapter(partial, model_config=config, problems=problems)
             model.load_state_dict(adapted, strict=False, assign=True)
             loaded.update(adapted)

@@ -351,6 +351,7 @@ def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Toleranc
     host = pair.memory == "sequential"
     hf_in = inputs.side("hf")
     context = {"inputs": hf_in}
+    ctx64 = None
 
     # 1. the reference, stored (and its calls, for the replays)
     _say(progress, "running HF")
@@ -401,7 +402,9 @@ def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Toleranc
         del calls
     if pair.memory == "sequential":
         _say(progress, "freeing HF (one model at a time)")
-        del hf
+        # every local that reaches the HF model goes, or release() frees nothing: the captures hold their model,
+        # the float64 replay context holds it by name
+        caps = ctx64 = hf = None
         pair.release("hf")
 
     # 3. FMS: propagated (streamed against the stored reference), then introduced (replays on HF's calls)

@@ -17,8 +17,8 @@ Both are built in the dtype asked (never a float32 copy first), in ``eval()``, o
 
 Memory (``memory=``): ``"together"`` builds both models at once; ``"sequential"`` builds one at a time (``get`` /
 ``release``): the engine runs HF, keeps what the comparison needs, frees HF, then builds FMS, so a run needs one
-model's memory; ``"auto"`` (the CLI's default) picks ``sequential`` when two weight sets would not fit in the memory
-available (``/proc/meminfo`` MemAvailable, or the free CUDA memory).
+model's memory; ``"auto"`` (the CLI's default) picks ``sequential`` when two weight sets would take more than a
+third of the memory available (``/proc/meminfo`` MemAvailable, or the free CUDA memory).
 """
 
 from __future__ import annotations
@@ -182,6 +182,8 @@ class ModelPair:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        else:
+            _return_freed_heap()
 
     def _build_hf(self) -> nn.Module:
         if self.checkpoint is not None:
@@ -192,7 +194,9 @@ class ModelPair:
         if self.memory == "sequential" and self._folder is None:
             # FMS is built after HF is freed: from the HF folder save_pretrained writes, through the real loader
             self._folder = tempfile.TemporaryDirectory(prefix="parity-weights-")
-            write_hf_checkpoint(hf, self._folder.name)
+            # 1 GB shards: safetensors' save_file builds each shard as bytes in memory before writing it, so one
+            # 50 GB-default shard would double the model's memory for the length of the save
+            write_hf_checkpoint(hf, self._folder.name, max_shard_size="1GB")
         return hf
 
     def _build_fms(self) -> nn.Module:
@@ -235,6 +239,19 @@ class ModelPair:
         return fms.to(device=self.device).eval()
 
 
+def _return_freed_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim(0)``; nothing elsewhere). Weight tensors below
+    glibc's mmap threshold live on the heap, and a freed model's pages otherwise stay in the process: one model at a
+    time would then peak at two models' resident memory."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def build_pair(
     variant: str = "tiny",
     checkpoint: Union[None, str, Path] = None,
@@ -254,7 +271,7 @@ def build_pair(
         dtype: both models' dtype (built directly in it; both sides hold the same values).
         device: ``cpu`` or ``cuda``.
         memory: ``together`` (both models built now), ``sequential`` (built one at a time by the engine) or
-            ``auto`` (sequential when two weight sets would not fit in the memory available).
+            ``auto`` (sequential when two weight sets would take more than a third of the memory available).
         config: random weights for this config instead of the variant's (``variant`` names it in reports).
         distributed: ``"tp"`` shards the FMS model with FMS tensor parallelism over the default process group (started
             here from torchrun's environment when not yet: gloo on CPU, NCCL on CUDA); HF stays whole on every rank.
@@ -291,7 +308,11 @@ def build_pair(
     if memory == "auto":
         need = 2 * weight_bytes(config, dtype)
         free = available_memory(dev)
-        memory = "sequential" if free is not None and need * 1.2 > free else "together"
+        # together only with room to spare: the float64 reference, the stored captures, the activations, other
+        # test workers and the rest of the machine need the other two thirds (3.3-2b bf16, 12.1 GB of weights for
+        # two, on a 24 GB machine: together peaked at 13.8 GB and took 8 min, mostly converting HF's state dict in
+        # memory; one at a time builds FMS from the saved folder instead)
+        memory = "sequential" if free is not None and need > free / 3 else "together"
     pair = ModelPair(hf=None, fms=None, config=config, dtype=dtype, device=dev, variant=variant,
                      checkpoint=None if checkpoint is None else str(checkpoint), seed=seed, tokenizer=tokenizer,
                      memory=memory, distributed=distributed)

@@ -12,9 +12,11 @@ import copy
 import dataclasses
 import json
 import os
+import gc
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -194,7 +196,24 @@ def test_sequential_memory_gives_the_same_result(pair, inputs):
     together = run_parity(pair, inputs, "decoder.layers.1")
     one_at_a_time = build_pair("tiny", seed=0, memory="sequential")
     assert one_at_a_time.hf is None and one_at_a_time.fms is None  # nothing built up front
+    # the HF model must be garbage by the time FMS is built (no capture, closure or context left holding it),
+    # or one model at a time holds two
+    hf_alive_at_fms_build = []
+    build_hf, build_fms = one_at_a_time._build_hf, one_at_a_time._build_fms
+
+    def tracked_hf():
+        model = build_hf()
+        one_at_a_time._hf_ref = weakref.ref(model)
+        return model
+
+    def checked_fms():
+        gc.collect()
+        hf_alive_at_fms_build.append(one_at_a_time._hf_ref() is not None)
+        return build_fms()
+
+    one_at_a_time._build_hf, one_at_a_time._build_fms = tracked_hf, checked_fms
     result = run_parity(one_at_a_time, inputs, "decoder.layers.1")
+    assert hf_alive_at_fms_build == [False]
     assert result.memory == "sequential" and one_at_a_time.hf is None  # HF was freed before FMS was built
     assert result.peak_memory["host_rss_gib"] > 0
     assert [(r.name, r.diff.rel_l2, r.introduced and r.introduced.rel_l2) for r in result.layers] == \
