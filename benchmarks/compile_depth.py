@@ -47,7 +47,7 @@ print(json.dumps({"seconds": end - start, "compare_seconds": end - compare, "lay
                   "passed": bool(result.passed)}))
 """
 
-CONFIGS = {"tiny": (1, 1), "decoder x2": (2, 1), "decoder x2, encoder x2": (2, 2)}
+CONFIGS = {"tiny": (1, 1), "decoder x2": (2, 1), "decoder+encoder x2": (2, 2)}
 
 
 def run_one(decoder_x: int, encoder_x: int, backend: str, threads: int) -> dict:
