@@ -10,7 +10,7 @@ them is non-trivial, so each is actually tested.
 from __future__ import annotations
 
 import math
-
+from typing import Optional
 
 import torch
 from torch import nn
@@ -108,20 +108,34 @@ def build_hf_model(
 
 
 
-def fms_from_hf(hf_model: nn.Module, config: GraniteSpeechConfig) -> nn.Module:
-    """The FMS ``GraniteSpeech`` for ``config`` holding ``hf_model``'s weights, eval mode.
+def fms_from_hf(hf_model: nn.Module, config: GraniteSpeechConfig, *, tp_rank: Optional[int] = None) -> nn.Module:
+    """The FMS ``GraniteSpeech`` for ``config`` holding ``hf_model``'s weights, eval mode, on their device.
 
-    The HF state dict goes through FMS's ``load_state_dict_into_model`` with the registered ``granite_speech`` /
-    ``hf`` adapter (the code path of every checkpoint load), then ``post_init`` (ties, LoRA merge).
+    Built on the meta device, as FMS's ``get_model`` builds, so every tensor must come from the HF state dict; that
+    goes through FMS's ``load_state_dict_into_model`` with the registered ``granite_speech`` / ``hf`` adapter (the code
+    path of every checkpoint load), then ``post_init`` (ties, LoRA merge), which refuses a tensor no key filled.
+
+    Args:
+        tp_rank: this process's rank under FMS tensor parallelism (the decoder sharded with
+            ``TensorParallelStrategy``, FMS's loader cutting this rank's shard); None: one process, whole model.
     """
     from fms.utils.serialization import load_state_dict_into_model
 
     from fms_granite_speech.model import GraniteSpeech
 
-    fms = GraniteSpeech(config)
-    load_state_dict_into_model(fms, dict(hf_model.state_dict()), "granite_speech", "hf")
+    if tp_rank is None:
+        strategy, load_kwargs = {}, {}
+    else:
+        from fms.distributed.strategy import TensorParallelStrategy
+
+        strategy, load_kwargs = {"distributed_strategy": TensorParallelStrategy()}, {"distributed_strategy": "tp",
+                                                                                     "rank": tp_rank}
+    with torch.device("meta"):
+        fms = GraniteSpeech(config, **strategy)
+    load_state_dict_into_model(fms, dict(hf_model.state_dict()), "granite_speech", "hf", **load_kwargs)
     fms.post_init()
     return fms.eval()
+
 
 def add_lora_adapter(model: nn.Module, lora: LoRAConfig, adapter_name: str = "default") -> nn.Module:
     """Attach a peft LoRA adapter (rank, alpha, targets from ``lora``) to the decoder of an HF Granite Speech model.

@@ -378,9 +378,9 @@ def _run_diff(args, argv, cases, progress) -> int:
         built = time.perf_counter()
         pair = build_pair(variant=args.variant or "tiny", checkpoint=args.checkpoint, seed=args.seed,
                           dtype=args.dtype, device=args.device, memory=args.memory, distributed=args.distributed)
+        build_s = time.perf_counter() - built  # models held together are built here, before run_parity's clock
         if progress and args.memory == "auto":
             progress("both models built" if pair.memory == "together" else "one model at a time (memory auto)")
-        build_s = time.perf_counter() - built  # models held together are built here, before run_parity's clock
         runs = []
         for name in cases or [None]:
             if progress and name:
@@ -396,7 +396,7 @@ def _run_diff(args, argv, cases, progress) -> int:
                                 reference=args.reference, progress=progress)
             result.command = _reproduce(argv if name is None or len(cases) == 1 else
                                         _with_case(argv, name), torch.get_num_threads())
-            if not runs and build_s >= 0.05:  # the first run paid for building the pair: its elapsed says so
+            if not runs and pair.memory == "together":  # the first run paid for building both: its elapsed says so
                 result.elapsed_s = round(result.elapsed_s + build_s, 3)
                 result.notes.append(f"elapsed includes {build_s:.1f} s building the models before the run")
             runs.append((name, result))

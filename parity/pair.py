@@ -208,35 +208,18 @@ class ModelPair:
             return load_checkpoint(self.checkpoint, dtype=self.dtype, device=self.device).eval()
         if self.hf is None and self._folder is not None:
             return load_checkpoint(self._folder.name, dtype=self.dtype, device=self.device).eval()
-        from fms.utils.serialization import load_state_dict_into_model
+        from fms_granite_speech.testing import fms_from_hf
 
-        from fms_granite_speech.model import GraniteSpeech
-
-        hf = self.get("hf")
-        # Built on the meta device, as FMS's get_model does: every tensor must then come from the HF state dict, and
-        # post_init() refuses a model with a tensor no key filled (the adapter's last step refuses unknown keys).
-        with torch.device("meta"):
-            fms = GraniteSpeech(self.config)
-        load_state_dict_into_model(fms, dict(hf.state_dict()), "granite_speech", "hf")
-        fms.post_init()
-        return fms.to(device=self.device).eval()
+        return fms_from_hf(self.get("hf"), self.config).to(device=self.device)
 
     def _build_fms_tp(self) -> nn.Module:
         """FMS sharded by FMS's tensor parallelism: each rank converts HF's whole state dict and FMS's loader cuts
         its shard (``load_state_dict_into_model(..., distributed_strategy="tp", rank=rank)``)."""
         import torch.distributed as dist
-        from fms.distributed.strategy import TensorParallelStrategy
-        from fms.utils.serialization import load_state_dict_into_model
 
-        from fms_granite_speech.model import GraniteSpeech
+        from fms_granite_speech.testing import fms_from_hf
 
-        hf = self.get("hf")
-        with torch.device("meta"):
-            fms = GraniteSpeech(self.config, distributed_strategy=TensorParallelStrategy())
-        load_state_dict_into_model(fms, dict(hf.state_dict()), "granite_speech", "hf", distributed_strategy="tp",
-                                   rank=dist.get_rank())
-        fms.post_init()
-        return fms.to(device=self.device).eval()
+        return fms_from_hf(self.get("hf"), self.config, tp_rank=dist.get_rank()).to(device=self.device)
 
 
 def _return_freed_heap() -> None:
@@ -310,8 +293,8 @@ def build_pair(
         free = available_memory(dev)
         # together only with room to spare: the float64 reference, the stored captures, the activations, other
         # test workers and the rest of the machine need the other two thirds (3.3-2b bf16, 12.1 GB of weights for
-        # two, on a 24 GB machine: together peaked at 13.8 GB and took 8 min, mostly converting HF's state dict in
-        # memory; one at a time builds FMS from the saved folder instead)
+        # two, on a 24 GB machine: together peaked at 13.8 GiB and took 8:09, about 200 s of it converting HF's
+        # state dict in memory; one at a time peaked at 7.8 GiB and builds FMS from the saved folder in 32 s)
         memory = "sequential" if free is not None and need > free / 3 else "together"
     pair = ModelPair(hf=None, fms=None, config=config, dtype=dtype, device=dev, variant=variant,
                      checkpoint=None if checkpoint is None else str(checkpoint), seed=seed, tokenizer=tokenizer,
