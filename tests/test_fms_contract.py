@@ -209,6 +209,7 @@ def test_generate_without_the_hook_is_a_clear_error(untied, processor):
 
 
 @pytest.mark.compile
+@pytest.mark.slow  # inductor compiles the whole forward three times over: about a minute on 2 cores
 def test_whole_forward_compiles_to_one_graph_and_new_lengths_add_none(untied, processor):
     _, fms, _ = untied
     clips = [processor([PROMPT], audio=[shipped_audio(c)]) for c in ("fox", "ships", "transcribe")]

@@ -82,6 +82,10 @@ class TestGraniteSpeech(ModelConfigTestSuite, ModelConsistencyTestSuite, ModelCo
         config.decoder.pad_id += 1
         assert model.get_config().as_dict() == config.as_dict()
 
+    @pytest.mark.slow  # inductor over the whole 16-block forward: about 2 minutes on 2 cores (the slower tier)
+    def test_model_compile_no_graph_breaks(self, model):
+        super().test_model_compile_no_graph_breaks(model)
+
 
 class TestGraniteSpeechTextOnly(ModelConsistencyTestSuite, ModelCompileTestSuite, GraniteSpeechFixtures):
     """The same model on a prompt without audio (the decoder alone, as a text-only chat turn runs it)."""
