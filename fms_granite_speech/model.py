@@ -299,6 +299,7 @@ class GraniteSpeech(nn.Module):
         input_features_mask: Optional[torch.Tensor] = None,
         past_key_value_states: Optional[list] = None,
         position_ids: Optional[torch.Tensor] = None,
+        static_cache: bool = False,
     ) -> None:
         """Everything about the inputs that needs host values (run eagerly, never inside a compiled graph).
 
@@ -306,7 +307,9 @@ class GraniteSpeech(nn.Module):
         whole=True)`` calls it before the compiled forward. Checks: ids are an integer [B, L] tensor inside the
         vocabulary (prompts only: a decode step stays free of host syncs), the mask is bool and the shape the audio
         gives, the ``<|audio|>`` count equals the number of real audio tokens, and the sequence fits the decoder's
-        ``max_expected_seq_len`` positions.
+        ``max_expected_seq_len`` positions. With ``static_cache`` (a preallocated cache written at a
+        ``cache_position``, ``static_cache.generate_static``) the cache's size is its slot count, not the tokens
+        held, so the position check is left to that generator, which checks its whole generation up front.
 
         Raises:
             TypeError: ids not an integer tensor (bool included), features not floating, a non-bool mask.
@@ -323,12 +326,12 @@ class GraniteSpeech(nn.Module):
                              "batch dimension with unsqueeze(0)")
         d = self.config.decoder
         past = 0
-        if past_key_value_states:
+        if past_key_value_states and not static_cache:
             first = past_key_value_states[0]
             if isinstance(first, (tuple, list)) and first and isinstance(first[0], torch.Tensor):
                 past = int(first[0].shape[2])
         last = past + input_ids.shape[1]  # position ids never exceed it (padded rows count from 0): no host sync
-        if last > d.max_expected_seq_len:
+        if last > d.max_expected_seq_len and not static_cache:
             raise ValueError(f"the sequence reaches position {last} ({input_ids.shape[1]} tokens after {past} cached)"
                              f" but the decoder has {d.max_expected_seq_len} positions (max_expected_seq_len); "
                              "shorten the prompt, the audio or max_new_tokens")
@@ -441,7 +444,8 @@ class GraniteSpeech(nn.Module):
             embeds = x
         else:
             if not torch.compiler.is_compiling():
-                self.check_inputs(x, input_features, input_features_mask, past_key_value_states, position_ids)
+                self.check_inputs(x, input_features, input_features_mask, past_key_value_states, position_ids,
+                                  static_cache=attn_kwargs.get("cache_position") is not None)
             embeds = self._embed(x, input_features, input_features_mask)
         return self.decoder(
             embeds,

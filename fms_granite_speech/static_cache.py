@@ -100,7 +100,8 @@ def generate_static(model, input_ids: torch.Tensor, input_features: Optional[tor
                     max_new_tokens: int = 32, eos_token_id: Optional[int] = None, pad_token_id: int = 0,
                     compile: bool = False, mode: Optional[str] = None, backend: str = "inductor",
                     check_every: int = 8, decoder: Optional[StaticDecoder] = None,
-                    step_callback: Optional[Callable] = None) -> torch.Tensor:
+                    step_callback: Optional[Callable] = None,
+                    forced_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Greedy generation with a preallocated KV cache; what ``generation.transcribe_ids`` returns, faster per step.
 
     The prompt (audio merged, LoRA adapter on for audio and off for text-only, as HF's ``generate``) is prefilled into
@@ -115,17 +116,21 @@ def generate_static(model, input_ids: torch.Tensor, input_features: Optional[tor
         max_new_tokens: tokens to append (>= 1). eos_token_id: stop id or None. pad_token_id: the padding id.
         compile / mode / backend: compile the decode step (see ``StaticDecoder``).
         check_every: steps between end-of-sequence checks (>= 1).
-        decoder: a ``StaticDecoder`` to reuse (its cache must have B rows and at least L' + max_new_tokens slots),
+        decoder: a ``StaticDecoder`` to reuse (its cache must have B rows and at least L' + max_new_tokens - 1 slots),
             e.g. a compiled one across calls; None builds one.
         step_callback: ``callback(step, logits [B, V], tokens [B])`` after each step, as for ``transcribe_ids``
             (reading them on the host syncs: for progress and diagnostics).
+        forced_tokens: int64 [B, N] teacher forcing, for parity diagnostics (as in ``transcribe_ids``): step i appends
+            ``forced_tokens[:, i]`` instead of the model's choice, for N steps; the callback still sees the model's
+            logits, so every step's logits are those of exactly the prefix given.
 
     Returns:
         int64 [B, L' + n]: the prompt re-packed left-aligned (L' its longest real row) and the ``n`` new tokens.
 
     Raises:
         TypeError / ValueError: bad prompt or features, as for ``generation.transcribe_ids`` (the same checks run
-            first); a ``decoder`` whose cache does not fit this batch.
+            first); a generation past the decoder's ``max_expected_seq_len`` positions (L' + max_new_tokens - 1 of
+            them: checked before any forward); a ``decoder`` whose cache does not fit this batch.
     """
     from fms_granite_speech.generation import _check_int, _check_prompt, _left_pack
 
@@ -133,9 +138,22 @@ def generate_static(model, input_ids: torch.Tensor, input_features: Optional[tor
         model, input_ids, input_features, input_features_mask, max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     check_every = _check_int("check_every", check_every, 1)
+    if forced_tokens is not None:
+        if (not isinstance(forced_tokens, torch.Tensor) or forced_tokens.dim() != 2
+                or forced_tokens.shape[0] != input_ids.shape[0] or forced_tokens.shape[1] == 0):
+            raise ValueError(f"forced_tokens must be [B={input_ids.shape[0]}, N>=1], got "
+                             f"{tuple(getattr(forced_tokens, 'shape', ()))}")
+        forced_tokens = forced_tokens.to(device=device, dtype=torch.long)
+        max_new_tokens = forced_tokens.shape[1]
     ids, padding = _left_pack(input_ids.to(device), attention_mask, pad_token_id)
     batch, length = ids.shape
-    slots = length + max_new_tokens
+    # the last new token is returned, never fed back: the prompt and n new tokens occupy L + n - 1 positions
+    slots = length + max_new_tokens - 1
+    limit = model.config.decoder.max_expected_seq_len
+    if slots > limit:
+        raise ValueError(f"the prompt ({length} tokens) and max_new_tokens ({max_new_tokens}) reach position {slots} "
+                         f"but the decoder has {limit} positions (max_expected_seq_len); shorten the prompt, the "
+                         f"audio or max_new_tokens (at most {limit - length + 1} new tokens after this prompt)")
     model.check_inputs(ids, input_features, input_features_mask)
     if decoder is None:
         decoder = StaticDecoder(model, StaticCache.allocate(model, batch, slots), compile=compile, mode=mode,
@@ -168,6 +186,8 @@ def generate_static(model, input_ids: torch.Tensor, input_features: Optional[tor
             slot = torch.tensor([length - 1], device=device)  # [1], advanced in place: no host copy per step
             produced = 0
             for step in range(max_new_tokens):
+                if forced_tokens is not None:
+                    tokens = forced_tokens[:, step]
                 tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
                 out[:, step] = tokens
                 produced = step + 1

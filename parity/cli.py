@@ -2,10 +2,12 @@
 
     parity map [--variant tiny | --checkpoint DIR] [--expand]
     parity diff [--layer NAME ...] [--cases NAME,...] [--variant tiny | --checkpoint DIR] [--audio PATH ...]
-                [--prompt TEXT] [--same-inputs] [--dtype D] [--device D] [--seed N] [--threads N]
-                [--mode eager|compiled|drift] [--compile-backend B] [--reference auto|float64|flat]
+                [--prompt TEXT] [--same-inputs] [--dtype D] [--device D] [--seed N] [--threads N] [--unfused]
+                [--mode eager|compiled|drift] [--compile regional|whole] [--compile-backend B]
+                [--reference auto|float64|flat]
                 [--memory auto|together|sequential] [--attribute] [--report-dir DIR] [--json PATH|-] [--quiet]
-    parity generate [--variant tiny | --checkpoint DIR] [--audio PATH ...] [--text-only] [--max-new-tokens N] ...
+    parity generate [--variant tiny | --checkpoint DIR] [--audio PATH ...] [--text-only] [--max-new-tokens N]
+                    [--static [--compile]] [--unfused] ...
     parity compile-report [--variant tiny] [--seed N] [--audio PATH]
     parity recheck REPORT.json [--atol X] [--rtol X] [--max-rel-l2 X] [--min-cosine X] [--layer NAME] [--report-dir D]
     parity check [--out DIR] [-n WORKERS] [--thresholds JSON] [--update-baseline] [--quiet]
@@ -36,6 +38,11 @@ __all__ = ["main"]
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _MODES = ("eager", "compiled", "drift")
+# the weight seed of `parity generate`'s random weights: its tiny model's greedy continuation of the default prompt
+# varies from the first step (8 distinct tokens in the first 8), so the default check is conclusive at any length;
+# seed 0's repeats one token for 20 steps. parity.generation.GENERATE_SEED says the same; tests/test_generation.py
+# holds the default conclusive at several lengths.
+GENERATE_SEED = 1
 _BACKENDS = ("inductor", "aot_eager", "eager")
 # measured on 2 cores, torch 2.11, tiny, float32, whole model: see BENCHMARKS.md ("compiled-mode parity")
 _COMPILED_TIME = "regional compilation: one graph per kind of block on each side, whatever the depth"
@@ -65,16 +72,19 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-def _add_weights(p: argparse.ArgumentParser) -> None:
+def _add_weights(p: argparse.ArgumentParser, seed: int = 0) -> None:
     p.add_argument("--variant", default=None, help="named config with seeded random weights: tiny (default), 3.3-2b, "
                                                   "3.3-8b")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="HF-format checkpoint folder (config.json, "
                                                                      "safetensors, optional peft adapter)")
-    p.add_argument("--seed", type=int, default=0, help="weight seed for random weights (default: 0)")
+    p.add_argument("--seed", type=int, default=seed, help=f"weight seed for random weights (default: {seed})")
     p.add_argument("--dtype", default="float32", choices=_DTYPES)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU intra-op threads (default: torch's); 1 is fastest for the tiny model on a busy host")
+    p.add_argument("--unfused", action="store_true",
+                   help="build the FMS decoder with fused_weights=False (separate q/k/v and gate/up, the LoRA adapter "
+                        "merged there), as get_model(..., fused_weights=False) does")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -111,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
                         f"drift: each side compiled vs itself eager ({_COMPILED_TIME})")
     p.add_argument("--compile-backend", default="inductor", choices=_BACKENDS,
                    help="torch.compile backend of --mode compiled/drift (default: inductor)")
+    p.add_argument("--compile", default="regional", choices=("regional", "whole"), dest="compile_scope",
+                   help="what --mode compiled/drift compiles: regional (each repeated block once per kind, both "
+                        "sides; default) or whole (the FMS model as compile_model(model, whole=True) returns it: one "
+                        "graph with the static-shape audio merge; every row read inside that graph)")
     p.add_argument("--reference", default="auto", choices=("auto", "float64", "flat"),
                    help="bf16/fp16 bounds: from HF's own rounding against a float64 run (auto, float64) or the flat "
                         "per-dtype tolerance (flat)")
@@ -133,10 +147,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="prompt text (with one <|audio|> per clip unless --text-only)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--eos-token-id", type=int, default=None, help="stop id (default: none, generate all tokens)")
+    p.add_argument("--static", action="store_true",
+                   help="FMS side: the static-KV-cache decode (static_cache.generate_static) instead of FMS generate")
+    p.add_argument("--compile", action="store_true",
+                   help="with --static: the decode step compiled (torch.compile fullgraph), as generate_static("
+                        "compile=True) runs it")
+    p.add_argument("--compile-backend", default="inductor", choices=_BACKENDS,
+                   help="torch.compile backend of --static --compile (default: inductor)")
     p.add_argument("--tied-head", action="store_true",
                    help="random weights: keep the variant's tied LM head (a random model with a tied head repeats "
                         "one token, so by default the check unties it)")
-    _add_weights(p)
+    _add_weights(p, seed=GENERATE_SEED)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON here (`-`: stdout)")
 
     p = sub.add_parser("compile-report", help="torch._dynamo.explain of the whole FMS forward and its pieces: graphs, "
@@ -332,6 +353,8 @@ def _check_diff(args) -> list[str]:
     _check_out(args.json, "--json", found)
     if args.mode != "eager" and args.memory == "sequential":
         found.append("--mode compiled/drift holds both models; drop --memory sequential")
+    if args.compile_scope == "whole" and args.mode == "eager":
+        found.append("--compile whole compiles the FMS model: add --mode compiled (or --mode drift)")
     if args.distributed and not all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
         found.append("--distributed tp needs a process group: run it under torchrun --nproc-per-node N")
     if args.same_inputs and args.layer and all(n.startswith(("features", "input_ids")) for n in args.layer):
@@ -377,7 +400,8 @@ def _run_diff(args, argv, cases, progress) -> int:
                       "auto": "building the models (both, or one at a time if two would not fit)"}[args.memory])
         built = time.perf_counter()
         pair = build_pair(variant=args.variant or "tiny", checkpoint=args.checkpoint, seed=args.seed,
-                          dtype=args.dtype, device=args.device, memory=args.memory, distributed=args.distributed)
+                          dtype=args.dtype, device=args.device, memory=args.memory, distributed=args.distributed,
+                          fused_weights=not args.unfused)
         build_s = time.perf_counter() - built  # models held together are built here, before run_parity's clock
         if progress and args.memory == "auto":
             progress("both models built" if pair.memory == "together" else "one model at a time (memory auto)")
@@ -393,7 +417,7 @@ def _run_diff(args, argv, cases, progress) -> int:
             if layers is None and not inputs.has_audio:
                 layers = ["input_ids", "decoder"]
             result = run_parity(pair, inputs, layers=layers, mode=args.mode, compile_backend=args.compile_backend,
-                                reference=args.reference, progress=progress)
+                                reference=args.reference, compile_scope=args.compile_scope, progress=progress)
             result.command = _reproduce(argv if name is None or len(cases) == 1 else
                                         _with_case(argv, name), torch.get_num_threads())
             if not runs and pair.memory == "together":  # the first run paid for building both: its elapsed says so
@@ -408,7 +432,9 @@ def _run_diff(args, argv, cases, progress) -> int:
         progress("writing the report")
     to_stdout = args.json == "-"
     source = f"checkpoint {args.checkpoint}" if args.checkpoint else f"variant {args.variant or 'tiny'}, seed {args.seed}"
-    mode = args.mode if args.mode == "eager" else f"{args.mode}, backend {args.compile_backend}"
+    mode = args.mode if args.mode == "eager" else f"{args.mode} ({args.compile_scope}), backend {args.compile_backend}"
+    if args.unfused:
+        source += ", FMS unfused"
     for name, result in runs:
         if to_stdout:
             continue
@@ -477,6 +503,8 @@ def _cmd_generate(args, argv) -> int:
         found.append(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.text_only and args.prompt and "<|audio|>" in args.prompt:
         found.append("a --text-only prompt must not contain <|audio|>")
+    if args.compile and not args.static:
+        found.append("--compile compiles the static-cache decode step: add --static")
     _check_audio(args.audio, found)
     _check_common(args, found)
     _check_out(args.json, "--json", found)
@@ -495,7 +523,8 @@ def _cmd_generate(args, argv) -> int:
             variant=args.variant or "tiny", checkpoint=args.checkpoint, seed=args.seed, dtype=args.dtype,
             device=args.device, audio=args.audio, text_only=args.text_only, prompt=args.prompt,
             max_new_tokens=args.max_new_tokens, eos_token_id=args.eos_token_id, tied_head=args.tied_head,
-            progress=progress)
+            engine=("static-compiled" if args.compile else "static") if args.static else "generate",
+            compile_backend=args.compile_backend, fused_weights=not args.unfused, progress=progress)
     except (ValueError, FileNotFoundError, OSError) as err:
         raise _UsageError(_first_line(err)) from None
     finally:

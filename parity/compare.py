@@ -54,10 +54,11 @@ from parity.pathmap import (EXCLUDED, FLOAT64_UNITS, INPUT, OUTPUT, PIPELINE, RE
 from parity.result import LayerResult, ParityResult
 from parity.runner import REPLAYS, bind, float64_units, iter_calls, replay_fms, replay_hf64, run_section
 
-__all__ = ["COMPILE_BACKENDS", "LayerResult", "MODES", "ParityResult", "REFERENCES", "SECTIONS", "apply_transform",
+__all__ = ["COMPILE_BACKENDS", "COMPILE_SCOPES", "LayerResult", "MODES", "ParityResult", "REFERENCES", "SECTIONS", "apply_transform",
            "recheck", "requested_pairs", "run_parity", "run_section", "set_adapters", "versions", "worst_diff"]
 
 MODES = ("eager", "compiled", "drift")
+COMPILE_SCOPES = ("regional", "whole")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 REFERENCES = ("auto", "float64", "flat")
 _EXACT = Tolerance(atol=0.0, rtol=0.0, max_rel_l2=0.0, min_cosine=1.0)
@@ -544,6 +545,23 @@ def _compiled(model, side: str, sections: Sequence[str], backend: str):
         uncompile(mine)
 
 
+@contextlib.contextmanager
+def _compiled_whole(model, backend: str):
+    """The FMS model exactly as ``compile_model(model, whole=True)`` returns it (one fullgraph graph of the whole
+    forward, its static-shape merge and eager input checks included), eager again afterwards. Forward hooks on its
+    sub-modules are traced into that graph (``compile.CompiledForward`` runs it with hook guards on), so the captures
+    read the compiled graph's own intermediate values."""
+    from fms_granite_speech.compile import compile_model, is_compiled, uncompile
+
+    mine = not is_compiled(model)
+    compile_model(model, whole=True, backend=backend)
+    try:
+        yield
+    finally:
+        if mine:
+            uncompile([model])
+
+
 def _stored_run(model, side: str, run: list[LayerPair], inputs, upto: str, dtype: torch.dtype) -> dict:
     """Run one side with storing captures on every row; the clones keyed by parity name."""
     caps = _capture(model, run, side)
@@ -575,7 +593,7 @@ def _compare_stored(run: list[LayerPair], reference: dict, tested: dict, bounds:
     return results
 
 
-def _compiled_modes(pair, inputs, run, sections, upto, mode, backend, bounds, progress):
+def _compiled_modes(pair, inputs, run, sections, upto, mode, backend, bounds, progress, scope="regional"):
     from torch._dynamo.utils import counters
 
     model_rows = [p for p in run if p.tensor != PIPELINE]
@@ -584,9 +602,12 @@ def _compiled_modes(pair, inputs, run, sections, upto, mode, backend, bounds, pr
 
     def compiled_run(side: str) -> dict:
         model = pair.get(side)
-        _say(progress, f"compiling and running {side.upper()} ({backend})")
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), _compiled(model, side, sections, backend):
-            return _stored_run(model, side, model_rows, inputs.side(side), upto, pair.dtype)
+        whole = scope == "whole" and side == "fms"
+        _say(progress, f"compiling and running {side.upper()} ({'whole forward, ' if whole else ''}{backend})")
+        region = _compiled_whole(model, backend) if whole else _compiled(model, side, sections, backend)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), region:
+            # the whole graph is the whole forward: it runs to the logits whatever the rows asked
+            return _stored_run(model, side, model_rows, inputs.side(side), "decoder" if whole else upto, pair.dtype)
 
     def eager_run(side: str) -> dict:
         _say(progress, f"running {side.upper()} eager")
@@ -607,9 +628,21 @@ def _compiled_modes(pair, inputs, run, sections, upto, mode, backend, bounds, pr
     graphs = counters["stats"]["unique_graphs"] - before
     what = {"compiled": "FMS compiled vs HF compiled",
             "drift": "each side compiled vs itself eager (hf_drift: HF; layers: FMS)"}[mode]
-    notes = [f"mode {mode}: {what}; every repeated block of {', '.join(s for s in sections if s != 'features')} "
-             f"compiled once per kind (regional compilation) with backend {backend!r}: {graphs} graph(s); captures "
-             "stored and compared after the runs; propagated errors only"]
+    blocks = ', '.join(s for s in sections if s != 'features')
+    if scope == "whole":
+        seen = [p.name for p in model_rows if any(r.diff is not None and r.name == p.name for r in results)]
+        unseen = [p.name for p in model_rows if p.name not in seen]
+        notes = [f"mode {mode}, compile whole: {what}; the FMS model as compile_model(model, whole=True) returns it "
+                 f"(the whole forward as one fullgraph graph, backend {backend!r})"
+                 + (", HF's repeated blocks compiled once per kind" if mode == "compiled" else "")
+                 + f": {graphs} graph(s); every row is read inside the FMS graph by forward hooks traced into it: "
+                 f"{len(seen)} of {len(model_rows)} rows seen"
+                 + (f" (not seen: {', '.join(unseen[:5])}{' ...' if len(unseen) > 5 else ''})" if unseen else "")
+                 + "; propagated errors only"]
+    else:
+        notes = [f"mode {mode}: {what}; every repeated block of {blocks} compiled once per kind (regional "
+                 f"compilation) with backend {backend!r}: {graphs} graph(s); captures stored and compared after the "
+                 "runs; propagated errors only"]
     if note:
         notes.append(note)
     pipelines = _pipelines(run, inputs) if mode == "compiled" else []  # drift: each side against itself
@@ -621,7 +654,7 @@ def _compiled_modes(pair, inputs, run, sections, upto, mode, backend, bounds, pr
 
 def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol: Optional[Tolerance] = None,
                mode: str = "eager", compile_backend: str = "inductor", *, reference: str = "auto",
-               progress: Progress = None) -> ParityResult:
+               compile_scope: str = "regional", progress: Progress = None) -> ParityResult:
     """Compare ``pair``'s FMS model with its HF reference layer by layer on ``inputs``.
 
     Args:
@@ -634,6 +667,9 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
         mode: ``eager``, ``compiled`` or ``drift`` (module docstring).
         compile_backend: ``torch.compile`` backend of the compiled modes: ``inductor`` (default), ``aot_eager`` or
             ``eager`` (tracing only). Ignored in eager mode.
+        compile_scope: compiled modes only: ``regional`` (each repeated block compiled once per kind, both sides) or
+            ``whole`` (the FMS model as ``compile_model(model, whole=True)`` returns it: the shipped whole-forward
+            graph with its static-shape audio merge; HF compiled regionally in ``compiled`` mode).
         reference: reduced precision only: ``auto`` / ``float64`` (bounds from HF's own rounding against a float64
             run, computed one block at a time) or ``flat`` (the per-dtype tolerance).
         progress: ``progress(message)`` is called as each phase starts (the CLI prints them to stderr).
@@ -655,6 +691,10 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
                          f"{', '.join(COMPILE_BACKENDS)}")
     if reference not in REFERENCES:
         raise ValueError(f"reference={reference!r}; use one of {', '.join(REFERENCES)}")
+    if compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile_scope={compile_scope!r}; use one of {', '.join(COMPILE_SCOPES)}")
+    if compile_scope == "whole" and mode == "eager":
+        raise ValueError("compile_scope='whole' compiles the FMS model: use it with mode='compiled' or 'drift'")
     if tol is not None and not isinstance(tol, Tolerance):
         raise TypeError(f"tol must be a parity.metrics.Tolerance or None, got {type(tol).__name__}")
     for attr in ("input_ids", "input_features", "input_features_mask", "describe", "side"):
@@ -676,7 +716,7 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
     else:
         bounds = _Bounds(dtype=pair.dtype, tol=tol)
         results, hf_drift, notes = _compiled_modes(pair, inputs, run, sections, upto, mode, compile_backend,
-                                                   bounds, progress)
+                                                   bounds, progress, compile_scope)
     if reduced and tol is None:
         if use64:
             notes.append("reduced precision: each layer's bound comes from HF's own rounding against a float64 run of "
@@ -709,6 +749,7 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
         elapsed_s=round(time.perf_counter() - start, 3),
         mode=mode,
         compile_backend=None if mode == "eager" else compile_backend,
+        compile_scope=None if mode == "eager" else compile_scope,
         hf_drift=hf_drift,
         reference=None if not reduced or tol is not None else ("float64" if use64 else "flat"),
         memory=pair.memory,

@@ -22,8 +22,9 @@ model was trained with (and FMS samples from).
 
 A token comparison proves something only when the continuation varies: a random-weight model with a tied LM head
 repeats one token (the current token's embedding dominates the last hidden state, and a tied head scores that same
-token highest), so ``check_generation`` (what ``parity generate`` runs) unties the head of random weights and requires
-at least ``MIN_DISTINCT`` distinct tokens in every row of HF's continuation; fewer fails the check, saying so.
+token highest), so ``check_generation`` (what ``parity generate`` runs) unties the head of random weights, uses the
+seed ``GENERATE_SEED`` by default, and requires ``required_distinct(max_new_tokens)`` distinct tokens in every row of
+HF's continuation; fewer fails the check as inconclusive, saying so.
 
 The result is plain data (``to_dict`` / ``from_dict`` / JSON) and ``format_table`` renders it.
 """
@@ -44,6 +45,8 @@ from parity.metrics import Tolerance, compare_tensors, default_tolerance
 
 __all__ = [
     "DEFAULT_TEXT_PROMPT",
+    "ENGINES",
+    "GENERATE_SEED",
     "MIN_DISTINCT",
     "Divergence",
     "GenerationParity",
@@ -51,9 +54,22 @@ __all__ = [
     "check_generation",
     "compare_generation",
     "format_table",
+    "required_distinct",
 ]
 
-MIN_DISTINCT = 8  # distinct tokens each row of the reference continuation needs (in 32 tokens) for a meaningful check
+ENGINES = ("generate", "static", "static-compiled")
+# the default weight seed of the generation check (``parity generate``): on ``tiny`` with the default prompt its
+# greedy continuation has 8 distinct tokens in its first 8 (seed 0's repeats one token for 20 steps), so the default
+# check is conclusive at any --max-new-tokens; the CLI keeps its own copy (it parses without importing torch)
+GENERATE_SEED = 1
+MIN_DISTINCT = 8  # the most distinct tokens a row of the reference continuation is asked for (see required_distinct)
+
+
+def required_distinct(max_new_tokens: int) -> int:
+    """Distinct tokens each row of HF's continuation needs for a conclusive check of ``max_new_tokens`` steps: more
+    than half of the steps (a continuation that repeats one token proves nothing about the context), at most
+    ``MIN_DISTINCT``: 1 step needs 1, 8 steps 5, 14 steps and more 8."""
+    return min(MIN_DISTINCT, max_new_tokens // 2 + 1)
 
 DEFAULT_TEXT_PROMPT = (
     "<|start_of_role|>user<|end_of_role|>please write a sentence about the sea.<|end_of_text|>\n"
@@ -117,6 +133,14 @@ class GenerationParity:
         tolerance: the bounds each step's logits were judged with (``Tolerance.to_dict``).
         eos_token_id, pad_token_id: as used on both sides.
         notes: how the comparison was made (scales, inferred masks).
+        required_distinct: distinct tokens each row of HF's continuation needs for a conclusive check (None: none).
+        engine: the FMS generator compared (``ENGINES``): ``generate`` (FMS ``generate`` with its KV cache,
+            ``generation.transcribe_ids``), ``static`` (``static_cache.generate_static``, eager) or
+            ``static-compiled`` (the same with its decode step compiled).
+        fms_error: the FMS side raised on inputs HF generated from (a divergence, never the user's mistake): the
+            error's first line; None when it ran.
+        first_divergent_layer: where a layer-by-layer ``run_parity`` of the prompt's forward first diverges, when the
+            generation check failed on the FMS model (``check_generation`` runs it); None when not run or none.
     """
 
     batch_size: int
@@ -135,6 +159,9 @@ class GenerationParity:
     pad_token_id: int = 0
     notes: list = field(default_factory=list)
     required_distinct: Optional[int] = None
+    engine: str = "generate"
+    fms_error: Optional[str] = None
+    first_divergent_layer: Optional[str] = None
 
     @property
     def distinct_tokens(self) -> list:
@@ -149,7 +176,7 @@ class GenerationParity:
     @property
     def tokens_identical(self) -> bool:
         """True when both sides generated exactly the same tokens (same length too)."""
-        return self.divergence is None
+        return self.divergence is None and self.fms_error is None
 
     @property
     def logits_passed(self) -> bool:
@@ -170,6 +197,10 @@ class GenerationParity:
     def verdict(self) -> str:
         """One line: identical, near-tie flip, or a real divergence, with the step."""
         d = self.divergence
+        where = "" if self.first_divergent_layer is None else (
+            f"; the prompt's forward first diverges at layer {self.first_divergent_layer} (parity diff)")
+        if self.fms_error is not None:
+            return f"FMS ({self.engine}) failed on inputs HF generated from: {self.fms_error}{where}"
         if not self.varied:
             return (f"inconclusive: HF's continuation has only {min(self.distinct_tokens)} distinct token(s) in a row "
                     f"of {len(self.hf_tokens[0])}; a check needs {self.required_distinct}: give another --seed or "
@@ -178,12 +209,13 @@ class GenerationParity:
             if self.logits_passed:
                 steps = len(self.hf_tokens[0]) if self.hf_tokens else 0
                 return f"tokens identical over {steps} steps, logits within tolerance"
-            return f"tokens identical, but logits exceed the tolerance from step {self.first_failing_step}"
-        where = f"row {d.row}, step {d.step}: HF {d.hf_token} vs FMS {d.fms_token}"
+            return f"tokens identical, but logits exceed the tolerance from step {self.first_failing_step}{where}"
+        at = f"row {d.row}, step {d.step}: HF {d.hf_token} vs FMS {d.fms_token}"
         if d.kind == "near-tie":
-            return (f"near-tie flip at {where} (HF margin {d.hf_margin:.3g}, FMS margin {d.fms_margin:.3g} log-prob;"
+            return (f"near-tie flip at {at} (HF margin {d.hf_margin:.3g}, FMS margin {d.fms_margin:.3g} log-prob;"
                     " logits within tolerance)")
-        return f"divergence at {where}; logits exceed the tolerance (first failing step {self.first_failing_step})"
+        return (f"divergence at {at}; logits exceed the tolerance (first failing step {self.first_failing_step})"
+                f"{where}")
 
     def to_dict(self) -> dict:
         """JSON-safe dict (non-finite floats as strings ``"nan"``, ``"inf"``, ``"-inf"``)."""
@@ -252,6 +284,8 @@ def compare_generation(
     pad_token_id: Optional[int] = None,
     tolerance: Optional[Tolerance] = None,
     top: int = 5,
+    engine: str = "generate",
+    compile_backend: str = "inductor",
 ) -> GenerationParity:
     """Greedy generation on both models from the same inputs; see the module docstring for what is measured.
 
@@ -270,20 +304,25 @@ def compare_generation(
         pad_token_id: pad / post-EOS filler id; default the FMS decoder's ``pad_id`` (0 when unset).
         tolerance: per-step logits bound; default ``default_tolerance`` of the models' dtype.
         top: how many top log-probs to report at the divergence.
+        engine: the FMS generator (``ENGINES``): ``generate`` (FMS ``generate``, ``generation.transcribe_ids``),
+            ``static`` (``static_cache.generate_static``) or ``static-compiled`` (its decode step compiled with
+            ``compile_backend``; one ``StaticDecoder``, compiled once, serves the free and the teacher-forced run).
 
     Returns:
-        GenerationParity.
+        GenerationParity. When the FMS side raises on inputs HF generated from, the result carries ``fms_error``
+        (a failed verdict, not an exception).
 
     Raises:
-        ValueError: missing ``input_ids``, ``max_new_tokens < 1``, or inputs the models reject (message passed on).
+        ValueError: missing ``input_ids``, ``max_new_tokens < 1``, an unknown ``engine``, or inputs HF's ``generate``
+            rejects (message passed on).
     """
     input_ids = _get(inputs, "input_ids")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("inputs need input_ids, an int64 tensor [B, L]")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    from fms_granite_speech.generation import transcribe_ids
-
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; use one of {', '.join(ENGINES)}")
     features = _get(inputs, "input_features")
     features_mask = _get(inputs, "input_features_mask")
     attention_mask = _get(inputs, "attention_mask")
@@ -313,21 +352,34 @@ def compare_generation(
         hf_kwargs.update(input_features=features.to(device=device, dtype=dtype),
                          input_features_mask=None if features_mask is None else features_mask.to(device))
     with torch.no_grad():
-        hf_out = hf_model.generate(**hf_kwargs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, output_logits=True,
-                                   return_dict_in_generate=True)
+        try:
+            hf_out = hf_model.generate(**hf_kwargs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, output_logits=True,
+                                       return_dict_in_generate=True)
+        except (ValueError, RuntimeError, IndexError, TypeError) as err:
+            raise ValueError(f"the HF reference cannot generate from these inputs: {_first_line(err)}") from None
     prompt_len = input_ids.shape[1]
     hf_new = hf_out.sequences[:, prompt_len:]
     hf_logits = [lg.float() for lg in hf_out.logits]
+    if engine != "generate":
+        notes.append({"static": "FMS side: static_cache.generate_static (preallocated KV cache, eager decode step)",
+                      "static-compiled": "FMS side: static_cache.generate_static with its decode step compiled "
+                                         f"(torch.compile fullgraph, backend {compile_backend!r})"}[engine])
 
-    fms_out = transcribe_ids(fms_model, input_ids, features, features_mask, attention_mask=attention_mask,
-                             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    fms_new = fms_out[:, _packed_len(attention_mask):]
+    run = _fms_generator(engine, fms_model, input_ids, features, features_mask, attention_mask, max_new_tokens,
+                         pad_token_id, compile_backend)
     forced_logits: list[torch.Tensor] = []
-    transcribe_ids(fms_model, input_ids, features, features_mask, attention_mask=attention_mask,
-                   forced_tokens=hf_new, pad_token_id=pad_token_id,
-                   step_callback=lambda step, logits, tokens: forced_logits.append(
-                       apply_transform("logits_scaling", logits, config).float()))
+    fms_error = None
+    try:
+        fms_out = run(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        run(forced_tokens=hf_new, step_callback=lambda step, logits, tokens: forced_logits.append(
+            apply_transform("logits_scaling", logits, config).float()))
+    except (ValueError, RuntimeError, IndexError, TypeError) as err:
+        # HF generated from these inputs: an FMS failure on them is a divergence between the sides (a verdict)
+        fms_error = f"{type(err).__name__}: {_first_line(err)}"
+        fms_out = input_ids[:, :0]
+        forced_logits = []
+    fms_new = fms_out[:, _packed_len(attention_mask):] if fms_error is None else fms_out
 
     steps = []
     for s, (f, h) in enumerate(zip(forced_logits, hf_logits)):
@@ -337,7 +389,7 @@ def compare_generation(
     hf_rows, fms_rows = hf_new.tolist(), fms_new.tolist()
     row_first = [_first_difference(h, f) for h, f in zip(hf_rows, fms_rows)]
     divergence = None
-    candidates = [(s, r) for r, s in enumerate(row_first) if s is not None]
+    candidates = [] if fms_error is not None else [(s, r) for r, s in enumerate(row_first) if s is not None]
     if candidates:
         step, row = min(candidates)
         hf_tok = hf_rows[row][step] if step < len(hf_rows[row]) else None
@@ -356,8 +408,33 @@ def compare_generation(
         adapter="on" if features is not None else "off", dtype=str(dtype).removeprefix("torch."),
         logits_scaling=scaling, hf_tokens=hf_rows, fms_tokens=fms_rows, row_first_divergence=row_first,
         divergence=divergence, steps=steps, tolerance=tol.to_dict(), eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, notes=notes,
+        pad_token_id=pad_token_id, notes=notes, engine=engine, fms_error=fms_error,
     )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _fms_generator(engine: str, model, input_ids, features, features_mask, attention_mask, max_new_tokens: int,
+                   pad_token_id: int, backend: str):
+    """``run(**kwargs) -> int64 [B, L' + n]``: the FMS generator of ``engine`` on these inputs (kwargs: the
+    generator's ``max_new_tokens``, ``eos_token_id``, ``forced_tokens``, ``step_callback``)."""
+    args = (model, input_ids, features, features_mask)
+    common = dict(attention_mask=attention_mask, pad_token_id=pad_token_id)
+    if engine == "generate":
+        from fms_granite_speech.generation import transcribe_ids
+
+        return lambda **kw: transcribe_ids(*args, **common, **kw)
+    from fms_granite_speech.static_cache import StaticCache, StaticDecoder, generate_static
+
+    decoder = None
+    if engine == "static-compiled":  # one compiled step for both runs: the cache fits the longer (free) one
+        slots = _packed_len(attention_mask) + max_new_tokens - 1
+        decoder = StaticDecoder(model, StaticCache.allocate(model, input_ids.shape[0], slots), compile=True,
+                                backend=backend)
+    return lambda **kw: generate_static(*args, **common, decoder=decoder, **kw)
 
 
 def _packed_len(attention_mask: torch.Tensor) -> int:
@@ -418,15 +495,20 @@ def format_table(result: GenerationParity, tokenizer: Any = None, tablefmt: str 
 # -- the check --------------------------------------------------------------------------------------------------------
 
 
-def check_generation(variant: str = "tiny", checkpoint=None, seed: int = 0, dtype: str = "float32",
+def check_generation(variant: str = "tiny", checkpoint=None, seed: int = GENERATE_SEED, dtype: str = "float32",
                      device: str = "cpu", audio=None, text_only: bool = False, prompt: Optional[str] = None,
                      max_new_tokens: int = 32, eos_token_id: Optional[int] = None, tied_head: bool = False,
+                     engine: str = "generate", compile_backend: str = "inductor", fused_weights: bool = True,
                      progress=None):
     """The generation check ``parity generate`` runs: build the pair, the inputs, and ``compare_generation``.
 
     Random weights get an untied LM head unless ``tied_head`` (see the module docstring), and the result requires
-    ``MIN_DISTINCT`` distinct tokens per row of HF's continuation (``GenerationParity.required_distinct``); a
-    checkpoint's continuation is not required to vary (its distinct counts are still reported).
+    ``required_distinct(max_new_tokens)`` distinct tokens per row of HF's continuation
+    (``GenerationParity.required_distinct``); a checkpoint's continuation is not required to vary (its distinct counts are still reported). ``engine`` picks
+    the FMS generator (``compare_generation``), ``fused_weights=False`` the unfused FMS decoder layout. When the check
+    fails on the FMS model (it raised, or a step's logits exceed the tolerance), the prompt's forward is compared
+    layer by layer (``compare.run_parity``) and the result names the first divergent layer; a decode-path bug leaves
+    that forward clean, and the failing step is the place.
 
     Returns:
         ``(GenerationParity, tokenizer, description of the inputs)``.
@@ -447,18 +529,34 @@ def check_generation(variant: str = "tiny", checkpoint=None, seed: int = 0, dtyp
         untie = config.decoder.tie_heads
         config = config.replace(decoder=config.decoder.updated(tie_heads=False))
     pair = build_pair(variant=variant, checkpoint=checkpoint, seed=seed, dtype=dtype, device=device, memory="together",
-                      config=config)
+                      config=config, fused_weights=fused_weights)
     inputs = build_inputs(pair, audio=audio, prompt=prompt, text_only=text_only, same_inputs=True)
     source = "text-only" if text_only else "audio " + ", ".join(inputs.audio)
+    if engine != "generate":
+        source += f", FMS {engine}"
+    if not fused_weights:
+        source += ", FMS unfused"
     if progress:
         progress("generating on both sides")
     result = compare_generation(pair.hf, pair.fms, {"input_ids": inputs.input_ids,
                                                     "attention_mask": inputs.attention_mask,
                                                     "input_features": inputs.input_features,
                                                     "input_features_mask": inputs.input_features_mask},
-                                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+                                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, engine=engine,
+                                compile_backend=compile_backend)
+    if result.fms_error is not None or not result.logits_passed:
+        if progress:
+            progress("locating: the prompt's forward layer by layer")
+        from parity.compare import run_parity
+
+        located = run_parity(pair, inputs, layers=None if inputs.has_audio else ["input_ids", "decoder"])
+        result.first_divergent_layer = located.first_divergent
+        result.notes.append("the prompt's forward compared layer by layer (parity diff --same-inputs): "
+                            + (f"first divergent layer {located.first_divergent}" if located.first_divergent else
+                               "every layer passes, so the divergence is in the decode path (KV cache, masks, "
+                               "positions), first at the failing step"))
     if checkpoint is None:
-        result.required_distinct = min(MIN_DISTINCT, max_new_tokens)
+        result.required_distinct = required_distinct(max_new_tokens)
     if untie:
         result.notes.append("random weights with an untied LM head (a tied head on random weights repeats one "
                             "token); --tied-head keeps the variant's")

@@ -118,6 +118,8 @@ class ModelPair:
         memory: ``"together"`` or ``"sequential"``.
         distributed: ``"tp"``: the FMS model is sharded by FMS tensor parallelism over the process group (each rank
             holds the whole HF reference, single-process); None: one process.
+        fused_weights: the FMS decoder's layout: True (FMS's default) fuses q/k/v and gate/up; False builds it as
+            ``get_model(..., fused_weights=False)`` does (separate q/k/v and gate/up, the LoRA adapter merged there).
     """
 
     hf: Optional[nn.Module]
@@ -131,6 +133,7 @@ class ModelPair:
     tokenizer: Any = None
     memory: str = "together"
     distributed: Optional[str] = None
+    fused_weights: bool = True
     _folder: Any = field(default=None, repr=False)  # a temporary HF folder of random weights (sequential mode)
 
     def provenance(self) -> dict:
@@ -146,6 +149,7 @@ class ModelPair:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "memory": self.memory,
+            "fms_weights": "fused" if self.fused_weights else "unfused (fused_weights=False)",
             "distributed": None if self.distributed is None else {"strategy": self.distributed,
                                                                    "world_size": _world_size()},
             "lora": None if self.config.lora is None else {
@@ -202,24 +206,23 @@ class ModelPair:
     def _build_fms(self) -> nn.Module:
         from fms_granite_speech.checkpoint import load_checkpoint
 
+        if self.distributed != "tp":
+            folder = self.checkpoint if self.checkpoint is not None else (
+                self._folder.name if self.hf is None and self._folder is not None else None)
+            if folder is not None:
+                return load_checkpoint(folder, dtype=self.dtype, device=self.device,
+                                       fused_weights=self.fused_weights).eval()
+        from fms_granite_speech.testing import fms_from_hf
+
+        # tensor parallelism: each rank converts HF's whole state dict and FMS's loader cuts its shard
+        # (load_state_dict_into_model(..., distributed_strategy="tp", rank=rank))
+        rank = None
         if self.distributed == "tp":
-            return self._build_fms_tp()
-        if self.checkpoint is not None:
-            return load_checkpoint(self.checkpoint, dtype=self.dtype, device=self.device).eval()
-        if self.hf is None and self._folder is not None:
-            return load_checkpoint(self._folder.name, dtype=self.dtype, device=self.device).eval()
-        from fms_granite_speech.testing import fms_from_hf
+            import torch.distributed as dist
 
-        return fms_from_hf(self.get("hf"), self.config).to(device=self.device)
-
-    def _build_fms_tp(self) -> nn.Module:
-        """FMS sharded by FMS's tensor parallelism: each rank converts HF's whole state dict and FMS's loader cuts
-        its shard (``load_state_dict_into_model(..., distributed_strategy="tp", rank=rank)``)."""
-        import torch.distributed as dist
-
-        from fms_granite_speech.testing import fms_from_hf
-
-        return fms_from_hf(self.get("hf"), self.config, tp_rank=dist.get_rank()).to(device=self.device)
+            rank = dist.get_rank()
+        config = self.config if self.fused_weights else self.config.replace(fused_weights=False)
+        return fms_from_hf(self.get("hf"), config, tp_rank=rank).to(device=self.device)
 
 
 def _return_freed_heap() -> None:
@@ -244,6 +247,7 @@ def build_pair(
     memory: str = "together",
     config: Optional[GraniteSpeechConfig] = None,
     distributed: Optional[str] = None,
+    fused_weights: bool = True,
 ) -> ModelPair:
     """The HF reference and the FMS model with the same weights.
 
@@ -258,6 +262,8 @@ def build_pair(
         config: random weights for this config instead of the variant's (``variant`` names it in reports).
         distributed: ``"tp"`` shards the FMS model with FMS tensor parallelism over the default process group (started
             here from torchrun's environment when not yet: gloo on CPU, NCCL on CUDA); HF stays whole on every rank.
+        fused_weights: False builds the FMS decoder unfused, as ``get_model(..., fused_weights=False)`` does (the
+            path ``parity diff --unfused`` compares).
 
     Raises:
         ValueError: unknown variant, dtype or memory mode, CUDA requested without CUDA, a folder that is not an HF
@@ -268,6 +274,8 @@ def build_pair(
     dev = _parse_device(device)
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory={memory!r}; use one of {', '.join(MEMORY_MODES)}")
+    if not isinstance(fused_weights, bool):
+        raise TypeError(f"fused_weights must be True or False, got {fused_weights!r}")
     if distributed not in (None, "tp"):
         raise ValueError(f"distributed={distributed!r}; use 'tp' (FMS tensor parallelism) or None")
     if distributed == "tp":
@@ -298,7 +306,7 @@ def build_pair(
         memory = "sequential" if free is not None and need > free / 3 else "together"
     pair = ModelPair(hf=None, fms=None, config=config, dtype=dtype, device=dev, variant=variant,
                      checkpoint=None if checkpoint is None else str(checkpoint), seed=seed, tokenizer=tokenizer,
-                     memory=memory, distributed=distributed)
+                     memory=memory, distributed=distributed, fused_weights=fused_weights)
     if memory == "together":
         pair.get("hf")
         pair.get("fms")

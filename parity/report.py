@@ -229,6 +229,9 @@ def render_markdown(result: ParityResult, png_name: Optional[str] = None) -> str
         ("tolerance", _tolerance_line(result)),
         ("mode", result_mode(result)),
         ("compile backend", result.compile_backend),
+        ("compiled", {"whole": "FMS whole forward (compile_model(whole=True))",
+                      "regional": "each repeated block once per kind"}.get(result.compile_scope or "")),
+        ("FMS weights", p.get("fms_weights")),
         ("bounds", {"float64": "from HF's own rounding against float64", "flat": "flat per-dtype tolerance"}.get(
             result.reference or "", "per dtype (float32: metrics.default_tolerance)")),
         ("memory", result.memory),
@@ -346,6 +349,12 @@ def _reproduce(result: ParityResult) -> str:
     if p.get("seed") is not None and not p.get("checkpoint"):
         cmd.append(f"--seed {p['seed']}")
     cmd += [f"--dtype {p.get('dtype')}", f"--device {p.get('device')}", f"--mode {result_mode(result)}"]
+    if result.compile_backend:
+        cmd.append(f"--compile-backend {result.compile_backend}")
+    if result.compile_scope == "whole":
+        cmd.append("--compile whole")
+    if str(p.get("fms_weights", "")).startswith("unfused"):
+        cmd.append("--unfused")
     if inp.get("case"):
         cmd.append(f"--cases {inp['case']}")
     audio = inp.get("audio") or []

@@ -161,6 +161,8 @@ class ParityResult:
         mode: ``eager``, ``compiled`` or ``drift``. In ``drift`` mode ``layers`` holds the FMS drift (FMS compiled vs
             FMS eager) and ``hf_drift`` the HF drift, same pairs, same order.
         compile_backend: the ``torch.compile`` backend of the compiled modes, None in eager mode.
+        compile_scope: compiled modes: ``"regional"`` (each repeated block compiled once per kind) or ``"whole"`` (the
+            FMS model as ``compile_model(model, whole=True)`` returns it); None in eager mode.
         hf_drift: HF compiled vs HF eager per layer (drift mode only, else empty).
         attribution: kept for version-1 files (``--attribute`` results); None otherwise.
         reference: how reduced-precision bounds were set: ``"float64"`` (HF's own rounding against a float64 run of
@@ -185,6 +187,7 @@ class ParityResult:
     elapsed_s: float = 0.0
     mode: str = "eager"
     compile_backend: Optional[str] = None
+    compile_scope: Optional[str] = None
     hf_drift: list[LayerResult] = field(default_factory=list)
     attribution: Optional[dict] = None
     reference: Optional[str] = None
