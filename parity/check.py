@@ -30,6 +30,7 @@ from parity.inputs import CASES, case_inputs, case_names
 
 __all__ = [
     "CASES",
+    "PATHS",
     "CheckOutcome",
     "Regression",
     "THRESHOLDS_PATH",
@@ -41,6 +42,9 @@ __all__ = [
     "make_baseline",
     "run_cases",
     "run_check",
+    "run_path",
+    "shipped_path",
+    "ShippedPath",
     "write_check_report",
 ]
 
@@ -70,6 +74,109 @@ def run_cases(pair, names: Optional[Sequence[str]] = None, progress=None) -> dic
             progress(f"case {name}")
         inputs = case_inputs(pair, name)
         out[name] = run_parity(pair, inputs, layers=None if inputs.has_audio else ["input_ids", "decoder"])
+    return out
+
+
+# -- the shipped execution paths --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShippedPath:
+    """One execution path the project ships, the parity command that compares it, and what ``parity check`` runs.
+
+    Attributes:
+        name: the path (``unfused``, ``compiled-whole``, ``static-compiled``...).
+        what: what a user runs to take this path.
+        command: the parity command that compares it with HF.
+        cases: named cases (``parity.inputs.CASES``) the check runs a ``diff`` path on; empty for generation paths.
+        build: ``build_pair`` keyword arguments (diff paths) / run: ``run_parity`` keyword arguments (diff paths) or
+            ``check_generation`` keyword arguments (generation paths).
+        generation: True for a generation path (``check_generation``), False for a ``run_parity`` path.
+    """
+
+    name: str
+    what: str
+    command: str
+    cases: tuple = ()
+    build: tuple = ()
+    run: tuple = ()
+    generation: bool = False
+
+
+# Compiled paths use the aot_eager backend in the gate: the compiled-only code (the static-shape merge, the static
+# decode step) is what dynamo traces, whatever the backend; inductor's code generation would triple the gate's time.
+PATHS: tuple[ShippedPath, ...] = (
+    ShippedPath("eager", "GraniteSpeech as get_model returns it (fused weights)", "parity diff --cases all",
+                cases=tuple(CASES)),
+    ShippedPath("unfused", "get_model(..., fused_weights=False)", "parity diff --unfused",
+                cases=("speech_b1", "batch_short_first"), build=(("fused_weights", False),)),
+    ShippedPath("compiled-pieces", "compile_model(model)", "parity diff --mode compiled --compile pieces",
+                cases=("batch_short_first",),
+                run=(("mode", "compiled"), ("compile_scope", "pieces"), ("compile_backend", "aot_eager"))),
+    ShippedPath("compiled-whole", "compile_model(model, whole=True)", "parity diff --mode compiled --compile whole",
+                cases=("batch_short_first",),
+                run=(("mode", "compiled"), ("compile_scope", "whole"), ("compile_backend", "aot_eager"))),
+    ShippedPath("generate", "FMS generate (generation.transcribe_ids, granite-speech transcribe)",
+                "parity generate", generation=True),
+    ShippedPath("generate-batch", "FMS generate on a padded batch of two clips",
+                "parity generate --audio A --audio B", generation=True, run=(("audio", "batch"),)),
+    ShippedPath("generate-unfused", "FMS generate on get_model(..., fused_weights=False)",
+                "parity generate --unfused", generation=True, run=(("fused_weights", False),)),
+    ShippedPath("static", "static_cache.generate_static (eager step)", "parity generate --static",
+                generation=True, run=(("engine", "static"),)),
+    ShippedPath("static-text", "generate_static on a text-only prompt", "parity generate --static --text-only",
+                generation=True, run=(("engine", "static"), ("text_only", True))),
+    ShippedPath("static-compiled", "generate_static(compile=True)", "parity generate --static --compile",
+                generation=True, run=(("engine", "static-compiled"), ("compile_backend", "aot_eager"))),
+    ShippedPath("tp", "get_model(..., distributed_strategy='tp') under torchrun",
+                "torchrun --nproc-per-node 2 -m parity.cli diff --distributed tp"),
+)
+
+
+def shipped_path(name: str) -> ShippedPath:
+    """The ``PATHS`` entry called ``name``.
+
+    Raises:
+        ValueError: an unknown name (the message lists them).
+    """
+    for p in PATHS:
+        if p.name == name:
+            return p
+    raise ValueError(f"unknown path {name!r}; known: {', '.join(p.name for p in PATHS)}")
+
+
+def run_path(name: str, pair=None, max_new_tokens: int = 12) -> dict:
+    """``{case: result}`` of the shipped path ``name`` (``PATHS``), as ``parity check`` runs it.
+
+    Diff paths: ``run_parity`` of the whole model on each of the path's cases (``ParityResult``s), on ``pair`` or a
+    ``tiny`` pair built with the path's ``build`` arguments. Generation paths: one ``check_generation`` on ``tiny``
+    (``{name: GenerationParity}``; a padded batch of two shipped clips for ``generate-batch``). The ``tp`` path runs
+    under torchrun (``tests/test_tp.py``), not here.
+
+    Raises:
+        ValueError: an unknown path, or ``tp``.
+    """
+    from parity.compare import run_parity
+    from parity.pair import build_pair
+
+    path = shipped_path(name)
+    if path.name == "tp":
+        raise ValueError("the tp path needs a process group: run it under torchrun (tests/test_tp.py)")
+    if path.generation:
+        from fms_granite_speech.features import shipped_audio
+        from parity.generation import check_generation
+
+        kwargs = dict(path.run)
+        if kwargs.pop("audio", None) == "batch":
+            kwargs["audio"] = [str(shipped_audio("transcribe")), str(shipped_audio("fox"))]  # a padded batch
+        result, _, _ = check_generation(max_new_tokens=max_new_tokens, **kwargs)
+        return {path.name: result}
+    pair = pair if pair is not None else build_pair("tiny", seed=0, **dict(path.build))
+    out = {}
+    for case in path.cases:
+        inputs = case_inputs(pair, case)
+        out[case] = run_parity(pair, inputs, layers=None if inputs.has_audio else ["input_ids", "decoder"],
+                               **dict(path.run))
     return out
 
 

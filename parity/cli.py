@@ -3,7 +3,7 @@
     parity map [--variant tiny | --checkpoint DIR] [--expand]
     parity diff [--layer NAME ...] [--cases NAME,...] [--variant tiny | --checkpoint DIR] [--audio PATH ...]
                 [--prompt TEXT] [--same-inputs] [--dtype D] [--device D] [--seed N] [--threads N] [--unfused]
-                [--mode eager|compiled|drift] [--compile regional|whole] [--compile-backend B]
+                [--mode eager|compiled|drift] [--compile regional|pieces|whole] [--compile-backend B]
                 [--reference auto|float64|flat]
                 [--memory auto|together|sequential] [--attribute] [--report-dir DIR] [--json PATH|-] [--quiet]
     parity generate [--variant tiny | --checkpoint DIR] [--audio PATH ...] [--text-only] [--max-new-tokens N]
@@ -121,10 +121,11 @@ def _parser() -> argparse.ArgumentParser:
                         f"drift: each side compiled vs itself eager ({_COMPILED_TIME})")
     p.add_argument("--compile-backend", default="inductor", choices=_BACKENDS,
                    help="torch.compile backend of --mode compiled/drift (default: inductor)")
-    p.add_argument("--compile", default="regional", choices=("regional", "whole"), dest="compile_scope",
+    p.add_argument("--compile", default="regional", choices=("regional", "pieces", "whole"), dest="compile_scope",
                    help="what --mode compiled/drift compiles: regional (each repeated block once per kind, both "
-                        "sides; default) or whole (the FMS model as compile_model(model, whole=True) returns it: one "
-                        "graph with the static-shape audio merge; every row read inside that graph)")
+                        "sides; default), pieces (the FMS model as compile_model(model) returns it: encoder, projector "
+                        "and decoder apart) or whole (as compile_model(model, whole=True) returns it: one graph with "
+                        "the static-shape audio merge); rows are read inside the compiled graphs")
     p.add_argument("--reference", default="auto", choices=("auto", "float64", "flat"),
                    help="bf16/fp16 bounds: from HF's own rounding against a float64 run (auto, float64) or the flat "
                         "per-dtype tolerance (flat)")
@@ -353,8 +354,8 @@ def _check_diff(args) -> list[str]:
     _check_out(args.json, "--json", found)
     if args.mode != "eager" and args.memory == "sequential":
         found.append("--mode compiled/drift holds both models; drop --memory sequential")
-    if args.compile_scope == "whole" and args.mode == "eager":
-        found.append("--compile whole compiles the FMS model: add --mode compiled (or --mode drift)")
+    if args.compile_scope != "regional" and args.mode == "eager":
+        found.append(f"--compile {args.compile_scope} compiles the FMS model: add --mode compiled (or --mode drift)")
     if args.distributed and not all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
         found.append("--distributed tp needs a process group: run it under torchrun --nproc-per-node N")
     if args.same_inputs and args.layer and all(n.startswith(("features", "input_ids")) for n in args.layer):

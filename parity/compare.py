@@ -58,7 +58,7 @@ __all__ = ["COMPILE_BACKENDS", "COMPILE_SCOPES", "LayerResult", "MODES", "Parity
            "recheck", "requested_pairs", "run_parity", "run_section", "set_adapters", "versions", "worst_diff"]
 
 MODES = ("eager", "compiled", "drift")
-COMPILE_SCOPES = ("regional", "whole")
+COMPILE_SCOPES = ("regional", "pieces", "whole")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 REFERENCES = ("auto", "float64", "flat")
 _EXACT = Tolerance(atol=0.0, rtol=0.0, max_rel_l2=0.0, min_cosine=1.0)
@@ -546,20 +546,21 @@ def _compiled(model, side: str, sections: Sequence[str], backend: str):
 
 
 @contextlib.contextmanager
-def _compiled_whole(model, backend: str):
-    """The FMS model exactly as ``compile_model(model, whole=True)`` returns it (one fullgraph graph of the whole
-    forward, its static-shape merge and eager input checks included), eager again afterwards. Forward hooks on its
-    sub-modules are traced into that graph (``compile.CompiledForward`` runs it with hook guards on), so the captures
-    read the compiled graph's own intermediate values."""
-    from fms_granite_speech.compile import compile_model, is_compiled, uncompile
+def _compiled_as_shipped(model, backend: str, whole: bool):
+    """The FMS model exactly as ``compile_model(model, whole=whole)`` returns it, eager again afterwards: ``whole``,
+    one fullgraph graph of the whole forward (its static-shape merge and eager input checks included); else the
+    encoder, projector and decoder forwards compiled apart (``compile_model``'s default). Forward hooks on sub-modules
+    are traced into the graphs (``compile.CompiledForward`` runs them with hook guards on), so the captures read the
+    compiled graphs' own intermediate values."""
+    from fms_granite_speech.compile import PIECES, compile_model, is_compiled, uncompile
 
-    mine = not is_compiled(model)
-    compile_model(model, whole=True, backend=backend)
+    targets = [model] if whole else [getattr(model, p) for p in PIECES]
+    mine = [m for m in targets if not is_compiled(m)]
+    compile_model(model, whole=whole, backend=backend)
     try:
         yield
     finally:
-        if mine:
-            uncompile([model])
+        uncompile(mine)
 
 
 def _stored_run(model, side: str, run: list[LayerPair], inputs, upto: str, dtype: torch.dtype) -> dict:
@@ -602,9 +603,11 @@ def _compiled_modes(pair, inputs, run, sections, upto, mode, backend, bounds, pr
 
     def compiled_run(side: str) -> dict:
         model = pair.get(side)
-        whole = scope == "whole" and side == "fms"
-        _say(progress, f"compiling and running {side.upper()} ({'whole forward, ' if whole else ''}{backend})")
-        region = _compiled_whole(model, backend) if whole else _compiled(model, side, sections, backend)
+        shipped = scope != "regional" and side == "fms"
+        whole = shipped and scope == "whole"
+        _say(progress, f"compiling and running {side.upper()} ({scope if shipped else 'regional'}, {backend})")
+        region = _compiled_as_shipped(model, backend, whole) if shipped else _compiled(model, side, sections,
+                                                                                      backend)
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), region:
             # the whole graph is the whole forward: it runs to the logits whatever the rows asked
             return _stored_run(model, side, model_rows, inputs.side(side), "decoder" if whole else upto, pair.dtype)
@@ -629,13 +632,15 @@ def _compiled_modes(pair, inputs, run, sections, upto, mode, backend, bounds, pr
     what = {"compiled": "FMS compiled vs HF compiled",
             "drift": "each side compiled vs itself eager (hf_drift: HF; layers: FMS)"}[mode]
     blocks = ', '.join(s for s in sections if s != 'features')
-    if scope == "whole":
+    if scope != "regional":
         seen = [p.name for p in model_rows if any(r.diff is not None and r.name == p.name for r in results)]
         unseen = [p.name for p in model_rows if p.name not in seen]
-        notes = [f"mode {mode}, compile whole: {what}; the FMS model as compile_model(model, whole=True) returns it "
-                 f"(the whole forward as one fullgraph graph, backend {backend!r})"
+        form = ("compile_model(model, whole=True) returns it (the whole forward as one fullgraph graph"
+                if scope == "whole" else "compile_model(model) returns it (encoder, projector and decoder compiled "
+                                         "apart")
+        notes = [f"mode {mode}, compile {scope}: {what}; the FMS model as {form}, backend {backend!r})"
                  + (", HF's repeated blocks compiled once per kind" if mode == "compiled" else "")
-                 + f": {graphs} graph(s); every row is read inside the FMS graph by forward hooks traced into it: "
+                 + f": {graphs} graph(s); every row is read inside the FMS graphs by forward hooks traced into them: "
                  f"{len(seen)} of {len(model_rows)} rows seen"
                  + (f" (not seen: {', '.join(unseen[:5])}{' ...' if len(unseen) > 5 else ''})" if unseen else "")
                  + "; propagated errors only"]
@@ -667,9 +672,10 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
         mode: ``eager``, ``compiled`` or ``drift`` (module docstring).
         compile_backend: ``torch.compile`` backend of the compiled modes: ``inductor`` (default), ``aot_eager`` or
             ``eager`` (tracing only). Ignored in eager mode.
-        compile_scope: compiled modes only: ``regional`` (each repeated block compiled once per kind, both sides) or
-            ``whole`` (the FMS model as ``compile_model(model, whole=True)`` returns it: the shipped whole-forward
-            graph with its static-shape audio merge; HF compiled regionally in ``compiled`` mode).
+        compile_scope: compiled modes only: ``regional`` (each repeated block compiled once per kind, both sides),
+            ``pieces`` (the FMS model as ``compile_model(model)`` returns it: encoder, projector and decoder compiled
+            apart) or ``whole`` (as ``compile_model(model, whole=True)`` returns it: the shipped whole-forward graph
+            with its static-shape audio merge); HF is compiled regionally in ``compiled`` mode.
         reference: reduced precision only: ``auto`` / ``float64`` (bounds from HF's own rounding against a float64
             run, computed one block at a time) or ``flat`` (the per-dtype tolerance).
         progress: ``progress(message)`` is called as each phase starts (the CLI prints them to stderr).
@@ -693,8 +699,9 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
         raise ValueError(f"reference={reference!r}; use one of {', '.join(REFERENCES)}")
     if compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"compile_scope={compile_scope!r}; use one of {', '.join(COMPILE_SCOPES)}")
-    if compile_scope == "whole" and mode == "eager":
-        raise ValueError("compile_scope='whole' compiles the FMS model: use it with mode='compiled' or 'drift'")
+    if compile_scope != "regional" and mode == "eager":
+        raise ValueError(f"compile_scope={compile_scope!r} compiles the FMS model: use it with mode='compiled' or "
+                         "'drift'")
     if tol is not None and not isinstance(tol, Tolerance):
         raise TypeError(f"tol must be a parity.metrics.Tolerance or None, got {type(tol).__name__}")
     for attr in ("input_ids", "input_features", "input_features_mask", "describe", "side"):

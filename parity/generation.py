@@ -66,10 +66,11 @@ MIN_DISTINCT = 8  # the most distinct tokens a row of the reference continuation
 
 
 def required_distinct(max_new_tokens: int) -> int:
-    """Distinct tokens each row of HF's continuation needs for a conclusive check of ``max_new_tokens`` steps: more
-    than half of the steps (a continuation that repeats one token proves nothing about the context), at most
-    ``MIN_DISTINCT``: 1 step needs 1, 8 steps 5, 14 steps and more 8."""
-    return min(MIN_DISTINCT, max_new_tokens // 2 + 1)
+    """Distinct tokens each row of HF's continuation needs for a conclusive check of ``max_new_tokens`` steps: one
+    more than a third of the steps (a continuation that repeats one token proves nothing about the context; one that
+    cycles through a few shows the tokens follow it), at most ``MIN_DISTINCT``: 1 step needs 1, 3 steps 2, 8 steps 3,
+    16 steps 6, 21 steps and more 8."""
+    return min(MIN_DISTINCT, 1 + max_new_tokens // 3)
 
 DEFAULT_TEXT_PROMPT = (
     "<|start_of_role|>user<|end_of_role|>please write a sentence about the sea.<|end_of_text|>\n"

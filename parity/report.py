@@ -230,6 +230,7 @@ def render_markdown(result: ParityResult, png_name: Optional[str] = None) -> str
         ("mode", result_mode(result)),
         ("compile backend", result.compile_backend),
         ("compiled", {"whole": "FMS whole forward (compile_model(whole=True))",
+                      "pieces": "FMS encoder, projector, decoder apart (compile_model)",
                       "regional": "each repeated block once per kind"}.get(result.compile_scope or "")),
         ("FMS weights", p.get("fms_weights")),
         ("bounds", {"float64": "from HF's own rounding against float64", "flat": "flat per-dtype tolerance"}.get(
@@ -351,8 +352,8 @@ def _reproduce(result: ParityResult) -> str:
     cmd += [f"--dtype {p.get('dtype')}", f"--device {p.get('device')}", f"--mode {result_mode(result)}"]
     if result.compile_backend:
         cmd.append(f"--compile-backend {result.compile_backend}")
-    if result.compile_scope == "whole":
-        cmd.append("--compile whole")
+    if result.compile_scope not in (None, "regional"):
+        cmd.append(f"--compile {result.compile_scope}")
     if str(p.get("fms_weights", "")).startswith("unfused"):
         cmd.append("--unfused")
     if inp.get("case"):
