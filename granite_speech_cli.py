@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from parity._shell import OneLineParser, interruptible
+
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -28,15 +30,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("tiny", "3.3-2b", "3.3-8b")  # fms_granite_speech.config.VARIANTS (tests/test_cli_errors.py checks)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line (``PROG: error: MESSAGE; see PROG --help``), exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="granite-speech", description="IBM Granite Speech 3.3 on FMS.")
+    parser = OneLineParser(prog="granite-speech", description="IBM Granite Speech 3.3 on FMS.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{transcribe}")
     p = sub.add_parser("transcribe", help="transcribe audio files (one line of text per file)",
                        description="Transcribe audio files. Accepted: WAV / FLAC / OGG, any sample rate (resampled "
@@ -110,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from fms_granite_speech.cli import UsageError, run_transcribe
 
         try:
-            return run_transcribe(args)
+            return interruptible(f"granite-speech {args.command}", lambda: run_transcribe(args))
         except UsageError as err:
             raise _UsageError(str(err)) from None
     except _UsageError as err:

@@ -80,6 +80,14 @@ def get_model(variant: Optional[str] = None, model_path: Union[None, str, Path] 
     """
     if model_path is not None:
         check_checkpoint_folder(model_path)
+    if _wants_tp(kwargs.get("distributed_strategy")):
+        if variant is None and model_path is not None:
+            from fms_granite_speech.checkpoint import read_config
+
+            decoder = read_config(model_path).decoder
+        else:
+            decoder = get_config(variant or "tiny").decoder
+        check_tensor_parallel(decoder.nheads, decoder.kvheads)
     if variant is None:
         if model_path is None:
             raise ValueError("give a variant (tiny, 3.3-2b, 3.3-8b) or model_path=DIR of a Granite Speech checkpoint")
@@ -87,6 +95,33 @@ def get_model(variant: Optional[str] = None, model_path: Union[None, str, Path] 
     source = "hf" if model_path is not None else None
     return models.get_model(ARCHITECTURE, variant, model_path=None if model_path is None else str(model_path),
                             source=source, **kwargs)
+
+
+def _wants_tp(strategy: Any) -> bool:
+    from fms.distributed.strategy import TensorParallelStrategy
+
+    return strategy == "tp" or isinstance(strategy, TensorParallelStrategy)
+
+
+def check_tensor_parallel(nheads: int, kvheads: int) -> int:
+    """The world size FMS tensor parallelism will shard the decoder over, checked before FMS builds anything.
+
+    Raises:
+        ValueError: no initialised process group (not run under torchrun, or ``init_process_group`` not called), or
+            a world size that does not divide the decoder's query heads and key/value heads (FMS would assert on
+            every rank); the message names the fix.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed_strategy='tp' needs a process group: run under torchrun --nproc-per-node N and "
+                         "call torch.distributed.init_process_group() first (or drop distributed_strategy)")
+    world = dist.get_world_size()
+    if nheads % world or (kvheads and (kvheads % world and world % kvheads)):
+        raise ValueError(f"tensor parallelism over {world} ranks cannot split the decoder's {nheads} query heads and "
+                         f"{kvheads} key/value heads; use a --nproc-per-node that divides {nheads}"
+                         + (f" and {kvheads}" if kvheads else ""))
+    return world
 
 
 # -- HF -> FMS checkpoint adapter -----------------------------------------------------------------------------------

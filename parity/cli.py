@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from parity._shell import OneLineParser, interruptible
+
 __all__ = ["main"]
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -65,13 +67,6 @@ def _first_line(err: BaseException) -> str:
 # -- the parser (torch-free) --------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line (``PROG: error: MESSAGE; see PROG --help``), exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
-
-
 def _add_weights(p: argparse.ArgumentParser, seed: int = 0) -> None:
     p.add_argument("--variant", default=None, help="named config with seeded random weights: tiny (default), 3.3-2b, "
                                                   "3.3-8b")
@@ -89,7 +84,7 @@ def _add_weights(p: argparse.ArgumentParser, seed: int = 0) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="parity",
         description="Layer-by-layer parity of the FMS Granite Speech model against the HF transformers reference.",
     )
@@ -192,7 +187,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code (0 pass, 1 fail, 2 usage)."""
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code (0 pass, 1 fail, 2 usage, 130 / 143
+    interrupted by Ctrl-C / SIGTERM: one line, earlier reports untouched, temporary files removed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     try:
@@ -202,9 +198,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = {"map": _cmd_map, "diff": _cmd_diff, "generate": _cmd_generate, "recheck": _cmd_recheck,
                 "check": _cmd_check, "report": _cmd_report, "compile-report": _cmd_compile_report}
     try:
-        return commands[args.command](args, argv)
+        return interruptible(f"parity {args.command}", lambda: commands[args.command](args, argv),
+                             "; earlier reports and results are unchanged, no temporary file is left")
     except _UsageError as err:
-        print(f"parity {args.command}: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same problem: rank 0 says it
+            print(f"parity {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as err:  # noqa: BLE001 -- only dynamo's recompile limit is turned into a one-line error
         if not _is_recompile_limit(err):
@@ -358,6 +356,8 @@ def _check_diff(args) -> list[str]:
         found.append(f"--compile {args.compile_scope} compiles the FMS model: add --mode compiled (or --mode drift)")
     if args.distributed and not all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
         found.append("--distributed tp needs a process group: run it under torchrun --nproc-per-node N")
+    if args.distributed and args.memory == "sequential":
+        found.append("--distributed tp holds HF whole and the FMS shard on every rank; drop --memory sequential")
     if args.same_inputs and args.layer and all(n.startswith(("features", "input_ids")) for n in args.layer):
         found.append("--same-inputs feeds both models one pipeline's output: there are no pipeline rows to compare")
     _problems(found)
@@ -433,7 +433,8 @@ def _run_diff(args, argv, cases, progress) -> int:
         progress("writing the report")
     to_stdout = args.json == "-"
     source = f"checkpoint {args.checkpoint}" if args.checkpoint else f"variant {args.variant or 'tiny'}, seed {args.seed}"
-    mode = args.mode if args.mode == "eager" else f"{args.mode} ({args.compile_scope}), backend {args.compile_backend}"
+    scope = "" if args.compile_scope == "regional" else f", compile {args.compile_scope}"
+    mode = args.mode if args.mode == "eager" else f"{args.mode}{scope}, backend {args.compile_backend}"
     if args.unfused:
         source += ", FMS unfused"
     for name, result in runs:

@@ -296,14 +296,20 @@ def build_inputs(pair, audio: AudioArg = None, prompt: Union[None, str, Sequence
                          f"first, e.g. sox in.wav -r {SAMPLING_RATE} out.wav)")
     common = dict(audio=described, prompt=prompt if isinstance(prompt, str) else list(prompt),
                   samples=[int(w.numel()) for w in waves], case=case)
-    hf = ParityInputs(**_hf_pipeline(tokenizer, texts, waves or None), **common)
+    # the project's pipeline first: its checks (empty, too short or int16-scaled clips, a placeholder count that
+    # does not match the clips) answer in one line before transformers' processor fails inside itself
+    fms = ParityInputs(**_fms_pipeline(tokenizer, texts, waves or None), **common)
+    try:
+        hf = ParityInputs(**_hf_pipeline(tokenizer, texts, waves or None), **common)
+    except (ValueError, RuntimeError, IndexError, TypeError, StopIteration) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"transformers' GraniteSpeechProcessor cannot take these inputs ({text}); the project's "
+                         "pipeline took them: check the clips and the <|audio|> placeholders") from None
     limit = pair.config.decoder.max_expected_seq_len
     if hf.input_ids.shape[1] > limit:
         raise ValueError(f"the prompt is {hf.input_ids.shape[1]} tokens (audio included) but the decoder has {limit} "
                          "positions (max_expected_seq_len); shorten the prompt or the audio")
-    if same_inputs:
-        return hf
-    return replace(hf, fms=ParityInputs(**_fms_pipeline(tokenizer, texts, waves or None), **common))
+    return hf if same_inputs else replace(hf, fms=fms)
 
 
 # -- the named edge cases -----------------------------------------------------------------------------------------

@@ -296,6 +296,10 @@ def build_pair(
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         named = get_config(variant)
         config = named if config is None else config
+    if distributed == "tp":
+        from fms_granite_speech.registration import check_tensor_parallel
+
+        check_tensor_parallel(config.decoder.nheads, config.decoder.kvheads)
     if memory == "auto":
         need = 2 * weight_bytes(config, dtype)
         free = available_memory(dev)

@@ -120,3 +120,24 @@ def test_bad_arguments_are_named(models):
         generate_static(fms, *_args(inputs), max_new_tokens=4, check_every=0)
     with pytest.raises(ValueError, match="no input_features"):
         generate_static(fms, inputs["input_ids"], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("limit", [48, 64])
+def test_every_generation_that_fits_the_positions_is_accepted_and_the_first_that_does_not_is_refused(models, limit):
+    """A prompt of L tokens and n new tokens use L + n - 1 positions (the last token is never fed back): both
+    generators accept n = limit - L + 1 with the same tokens, and the static one refuses n + 1 before any forward."""
+    hf, fms, processor = models
+    fms.config.decoder.max_expected_seq_len, saved = limit, fms.config.decoder.max_expected_seq_len
+    try:
+        inputs = processor(TEXT)
+        length = inputs["input_ids"].shape[1]
+        fits = limit - length + 1
+        static = generate_static(fms, inputs["input_ids"], max_new_tokens=fits)
+        eager = transcribe_ids(fms, inputs["input_ids"], max_new_tokens=fits)
+        assert static.shape[1] == limit + 1 and torch.equal(static, eager)
+        for n in (fits + 1, fits + 7):
+            with pytest.raises(ValueError, match=f"reach position {length + n - 1} but the decoder has {limit} "
+                                                 f"positions.*at most {fits} new tokens"):
+                generate_static(fms, inputs["input_ids"], max_new_tokens=n)
+    finally:
+        fms.config.decoder.max_expected_seq_len = saved

@@ -1,0 +1,70 @@
+"""What both command lines (``parity``, ``granite-speech``) share, with the standard library only (they answer
+``--help`` and usage errors without importing torch): a one-line argparse, and interrupts as one line.
+
+* ``OneLineParser``: argparse whose usage errors are one line (``PROG: error: MESSAGE; see PROG --help``), exit 2.
+* ``interruptible(prog)``: run a command with SIGTERM raised as ``Terminated`` (so every ``finally`` runs: staging
+  folders and temporary weight folders are removed, reports already published stay as they were) and Ctrl-C /
+  SIGTERM answered with one line on stderr and exit status 130 (SIGINT) or 143 (SIGTERM), the shell's convention
+  (128 + the signal number), instead of a ``KeyboardInterrupt`` traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+from typing import Callable, Iterator
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "OneLineParser", "Terminated", "interruptible"]
+
+EXIT_INTERRUPTED = 128 + signal.SIGINT   # 130
+EXIT_TERMINATED = 128 + signal.SIGTERM   # 143
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``PROG: error: MESSAGE; see PROG --help``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process was, so cleanup runs as for Ctrl-C (a ``BaseException``: no ``except
+    Exception`` of the engine swallows it)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interruptible(prog: str, command: Callable[[], int], unchanged: str = "") -> int:
+    """``command()``'s exit status, or one line and 130 / 143 when it is interrupted (Ctrl-C) or terminated.
+
+    Args:
+        prog: the program and sub-command (``parity diff``), the start of the line.
+        command: runs the command; returns its exit status.
+        unchanged: what the line promises was left as it was (``"; the earlier report is unchanged"``).
+    """
+    try:
+        with _sigterm_raises():
+            return command()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted{unchanged}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{prog}: terminated{unchanged}", file=sys.stderr)
+        return EXIT_TERMINATED

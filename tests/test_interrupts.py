@@ -1,0 +1,50 @@
+"""Ctrl-C and SIGTERM during ``parity diff``: one line, exit 130 / 143, earlier reports byte-identical, no temporary
+file left (the staging folder of the report, the temporary weights of ``--memory sequential``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def earlier_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("earlier") / "report"
+    env = dict(os.environ, PARITY_TEST_THREADS="1")
+    subprocess.run([sys.executable, "-m", "parity.cli", "diff", "--layer", "encoder.blocks.0", "--report-dir", str(out),
+                    "--quiet", "--threads", "1"], check=True, env=env, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize("after_s", [1.5, 4.0])
+def test_an_interrupted_diff_leaves_everything_as_it_was(earlier_report, tmp_path, sig, code, word, after_s):
+    before = _snapshot(earlier_report)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    proc = subprocess.Popen([sys.executable, "-m", "parity.cli", "diff", "--memory", "sequential", "--report-dir",
+                             str(earlier_report), "--json", str(earlier_report / "result.json"), "--quiet",
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    time.sleep(after_s)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.fail(f"the run finished before the signal at {after_s} s; interrupt it earlier")
+    assert proc.returncode == code, (proc.returncode, err[-2000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and word in lines[0] and "unchanged" in lines[0], lines
+    assert _snapshot(earlier_report) == before  # the earlier report is byte-identical, no --json file appeared
+    assert list(tmp.iterdir()) == []  # no temporary weights, no staging folder
+    leftovers = [p.name for p in earlier_report.parent.iterdir() if p.name != earlier_report.name]
+    assert leftovers == []
