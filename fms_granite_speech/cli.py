@@ -78,6 +78,12 @@ def _random_model(variant: str, seed: int, dtype: torch.dtype, device: torch.dev
 
 def _check_file(extractor, path: str) -> Optional[str]:
     """Why ``path`` cannot be transcribed (read, decoded and checked as the feature extractor would), or None."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        return f"audio file not found: {path}"
+    if not Path(path).is_file():
+        return f"{path} is a folder, not an audio file"
     try:
         extractor([path])
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:

@@ -81,13 +81,15 @@ def get_model(variant: Optional[str] = None, model_path: Union[None, str, Path] 
     if model_path is not None:
         check_checkpoint_folder(model_path)
     if _wants_tp(kwargs.get("distributed_strategy")):
-        if variant is None and model_path is not None:
-            from fms_granite_speech.checkpoint import read_config
+        if variant is None and model_path is not None:  # the folder's text_config (checked readable above)
+            import json
 
-            decoder = read_config(model_path).decoder
+            text = json.loads((Path(model_path) / "config.json").read_text()).get("text_config") or {}
+            heads = int(text.get("num_attention_heads", 0))
+            check_tensor_parallel(heads, int(text.get("num_key_value_heads") or heads))
         else:
             decoder = get_config(variant or "tiny").decoder
-        check_tensor_parallel(decoder.nheads, decoder.kvheads)
+            check_tensor_parallel(decoder.nheads, decoder.kvheads)
     if variant is None:
         if model_path is None:
             raise ValueError("give a variant (tiny, 3.3-2b, 3.3-8b) or model_path=DIR of a Granite Speech checkpoint")

@@ -246,6 +246,12 @@ class ParityResult:
         missing = [k for k in ("requested", "first_divergent", "sections", "provenance", "inputs") if k not in data]
         if missing:
             raise not_a_result(f"fields {missing} are missing")
+        for name in ("provenance", "inputs", "config", "versions", "peak_memory"):
+            if name in data and data[name] is not None and not isinstance(data[name], dict):
+                raise not_a_result(f"'{name}' is a JSON {type(data[name]).__name__}, not an object")
+        for name in ("requested", "sections", "notes", "excluded"):
+            if name in data and not isinstance(data[name], list):
+                raise not_a_result(f"'{name}' is a JSON {type(data[name]).__name__}, not a list")
         kw = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
         kw["layers"] = [LayerResult.from_dict(r) for r in data["layers"]]
         kw["hf_drift"] = [LayerResult.from_dict(r) for r in data.get("hf_drift") or []]

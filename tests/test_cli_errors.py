@@ -310,3 +310,30 @@ def test_argparse_errors_are_one_line_naming_the_option(argv, named, capsys):
     assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0], captured.err
     assert captured.out == ""
     assert named in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("field, value", [("provenance", "variant tiny"), ("inputs", [1, 2]), ("requested", "x")])
+def test_a_report_with_a_malformed_field_is_one_line_for_report_and_recheck(tmp_path, capsys, field, value):
+    assert parity_main(["diff", "--layer", "encoder.input_linear", "--report-dir", str(tmp_path / "r"), "--quiet"]) == 0
+    capsys.readouterr()
+    path = tmp_path / "r" / "parity-report.json"
+    doc = json.loads(path.read_text())
+    doc[field] = value
+    path.write_text(json.dumps(doc))
+    for argv in (["report", str(path), "--out", str(tmp_path / "out")], ["recheck", str(path)]):
+        assert parity_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"'{field}' is a JSON" in err[0] and "not a parity result" in err[0], err
+
+
+def test_a_folder_among_the_clips_is_that_files_error_and_the_others_are_transcribed(tmp_path, capsys):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    clip = str(shipped_audio("fox"))
+    assert speech_main(["transcribe", clip, str(folder), clip, "--variant", "tiny", "--max-new-tokens", "3",
+                        "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    printed = [line for line in captured.out.splitlines() if not line.startswith("#")]
+    assert [line.split(":")[0] for line in printed] == [clip, clip]
+    errors = [line for line in captured.err.splitlines() if "error" in line]
+    assert len(errors) == 1 and str(folder) in errors[0] and "is a folder, not an audio file" in errors[0]

@@ -31,6 +31,7 @@ def test_bad_arguments_raise_clear_errors(pair_inputs):
     assert not is_compiled(pair.fms.encoder)
 
 
+@pytest.mark.slow  # inductor, two lengths: about 16 s on 2 cores (the slower tier)
 def test_encoder_new_length_reuses_graph_and_hooks_do_not_change_outputs(pair_inputs):
     pair, inputs = pair_inputs
     enc = pair.fms.encoder
@@ -67,6 +68,7 @@ def test_encoder_new_length_reuses_graph_and_hooks_do_not_change_outputs(pair_in
     torch.testing.assert_close(first, eager)
 
 
+@pytest.mark.slow  # inductor over each piece: about 20 s on 2 cores (the slower tier)
 def test_zero_graph_breaks(pair_inputs):
     pair, inputs = pair_inputs
     reports = {r.piece: r for r in explain_graph_breaks(pair.fms, inputs)}

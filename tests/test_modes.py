@@ -94,6 +94,7 @@ def _write(result, folder):
 
 
 @pytest.mark.compile
+@pytest.mark.slow  # inductor on both sides: about 19 s on 2 cores (the slower tier)
 def test_hooks_do_not_change_compiled_outputs_and_drift_is_small(pair_inputs):
     """Block 3 of each encoder compiled with aot_eager (functionalised, decomposed ops: not a replay of the eager
     ones), the other blocks eager: the hooked run returns bitwise what the unhooked run returns, and the compiled
@@ -128,6 +129,7 @@ def _first(out):
 
 
 @pytest.mark.compile
+@pytest.mark.slow  # dynamo explain of the whole forward and each piece: about 17 s on 2 cores (the slower tier)
 def test_compile_report(capsys):
     assert main(["compile-report", "--variant", "tiny"]) == 0
     out = capsys.readouterr().out

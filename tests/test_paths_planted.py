@@ -92,7 +92,7 @@ def test_an_unfused_lora_target_is_named_at_the_attention_it_feeds(monkeypatch, 
 
 
 @pytest.mark.compile
-@pytest.mark.slow  # one whole-forward compile (aot_eager) of the planted tree and one eager run: about a minute
+@pytest.mark.slow  # one whole-forward compile (backend eager) of the planted tree and one eager run: about a minute
 def test_a_compiled_only_merge_bug_is_named_at_the_merged_embeddings(monkeypatch, pair):
     monkeypatch.setattr(model_module.GraniteSpeech, "merge_audio_embeddings", merge_ignores_the_mask_when_compiled)
     result = run_path("compiled-whole", pair=pair)["batch_short_first"]

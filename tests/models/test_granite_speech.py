@@ -93,3 +93,7 @@ class TestGraniteSpeechTextOnly(ModelConsistencyTestSuite, ModelCompileTestSuite
     _get_signature_params = ["input_ids_or_embeds"]
     _get_signature_input_ids = random_input_ids(get_config("tiny"), [0], text_len=20, seed=2)
     _get_signature_optional_params = {}
+
+    @pytest.mark.slow  # inductor over the decoder: about 23 s on 2 cores (the slower tier)
+    def test_model_compile_no_graph_breaks(self, model):
+        super().test_model_compile_no_graph_breaks(model)
