@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -14,21 +14,15 @@ def state_dict_problems(
     *,
     describe_missing: Callable[[str], str] = str,
     describe_unexpected: Callable[[str], str] = str,
-    optional: Iterable[re.Pattern] = (),
 ) -> list[str]:
     """Every way ``got`` (converted FMS keys -> tensors) fails to fit a model whose tensors have ``expected`` shapes.
 
     Returns one line per problem, in this order: ``missing: KEY``, ``unexpected: KEY`` and
-    ``wrong shape: KEY is [..] in the checkpoint, the model expects [..]``; empty when everything fits. Keys matching
-    one of the ``optional`` patterns may be absent. The ``describe_*`` callables add where a key came from (its HF
+    ``wrong shape: KEY is [..] in the checkpoint, the model expects [..]``; empty when everything fits. The
+    ``describe_*`` callables add where a key came from (its HF
     name), so the message names what the user can look up in their checkpoint.
     """
-    optional = tuple(optional)
-    problems = [
-        f"missing: {describe_missing(k)}"
-        for k in expected
-        if k not in got and not any(p.match(k) for p in optional)
-    ]
+    problems = [f"missing: {describe_missing(k)}" for k in expected if k not in got]
     problems += [f"unexpected: {describe_unexpected(k)}" for k in got if k not in expected]
     problems += [
         f"wrong shape: {describe_missing(k)} is {list(got[k].shape)} in the checkpoint, the model expects "

@@ -15,7 +15,6 @@ from typing import Optional, Union
 import torch
 
 from fms_granite_speech import _fms_compat
-from fms_granite_speech._strict import template_regex
 from fms_granite_speech.config import GraniteSpeechConfig, LoRAConfig, get_config
 from fms_granite_speech.folder import (ADAPTER_WEIGHTS, CheckpointFolderError, check_checkpoint_folder,
                                        check_safetensors_folder)
@@ -96,7 +95,6 @@ def load_checkpoint(
     """
     from safetensors import SafetensorError, safe_open
 
-    from fms_granite_speech.conformer import FMS_OPTIONAL_KEYS
     from fms_granite_speech.model import GraniteSpeech
     from fms_granite_speech.registration import ARCHITECTURE, expected_shapes
 
@@ -157,10 +155,9 @@ def load_checkpoint(
         raise CheckpointFolderError(f"cannot read the safetensors files of {path}: {err}; re-download or re-save "
                                     "the checkpoint") from None
 
-    optional = [template_regex("encoder." + t) for t in FMS_OPTIONAL_KEYS]
     tied = {"decoder.head.weight"} if config.decoder.tie_heads else set()
     present = loaded | {key for key, _ in problems}
-    missing = [k for k in shapes if k not in present and k not in tied and not any(p.match(k) for p in optional)]
+    missing = [k for k in shapes if k not in present and k not in tied]
     messages = [f"missing tensor {k!r}" for k in missing] + [message for _, message in problems]
     if messages:
         raise ValueError(f"checkpoint {path} does not fit the model ({len(messages)} problems): " + "; ".join(messages))

@@ -31,7 +31,7 @@ __all__ = [
     "ConformerConvModule",
     "ConformerEncoder",
     "ConformerFeedForward",
-    "FMS_OPTIONAL_KEYS",
+    "BatchNorm1d",
     "HF_ENCODER_DROPPED",
     "HF_ENCODER_KEY_MAP",
     "HF_ENCODER_TRANSFORMS",
@@ -161,6 +161,31 @@ class BlockedRelPosAttention(nn.Module):
         return self.dense(out)
 
 
+class BatchNorm1d(nn.BatchNorm1d):
+    """torch's ``BatchNorm1d`` (fixed momentum 0.1, running statistics) without the int64 step counter.
+
+    ``num_batches_tracked`` only counts training steps (torch reads it for ``momentum=None``, which this module never
+    uses; eval never reads it), and as an int64 buffer it made the model's state dict two dtypes, against FMS's
+    ``get_model(..., data_type=...)`` convention (ibm-fms ``tests/models/test_getmodel_datatype.py``: every tensor of
+    the state dict in one dtype). It is not kept: state dicts carry ``weight``, ``bias``, ``running_mean``,
+    ``running_var``; a ``num_batches_tracked`` in a loaded state dict (HF's checkpoints hold one) is accepted and
+    dropped.
+    """
+
+    def __init__(self, num_features: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_batches_tracked = None
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        # nn.Module's own loader: _NormBase's would add the counter back for state dicts without version metadata
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+
 class ConformerConvModule(nn.Module):
     """Convolution branch: LayerNorm -> pointwise up (H -> 2cH) -> GLU -> depthwise conv (k taps) -> BatchNorm ->
     SiLU -> pointwise down (cH -> H), with c = ``conv_expansion_factor``.
@@ -185,7 +210,7 @@ class ConformerConvModule(nn.Module):
         self.ln = _layer_norm(config)
         self.up_proj = nn.Linear(config.hidden_dim, 2 * inner)
         self.depthwise = nn.Conv1d(inner, inner, k, groups=inner, bias=False)
-        self.batch_norm = nn.BatchNorm1d(inner)
+        self.batch_norm = BatchNorm1d(inner)
         self.down_proj = nn.Linear(inner, config.hidden_dim)
 
     def reset_parameters(self):
@@ -345,7 +370,6 @@ HF_ENCODER_KEY_MAP: dict[str, Union[str, tuple[str, ...]]] = {
     "layers.{}.conv.batch_norm.bias":             "blocks.{}.conv.batch_norm.bias",
     "layers.{}.conv.batch_norm.running_mean":     "blocks.{}.conv.batch_norm.running_mean",
     "layers.{}.conv.batch_norm.running_var":      "blocks.{}.conv.batch_norm.running_var",
-    "layers.{}.conv.batch_norm.num_batches_tracked": "blocks.{}.conv.batch_norm.num_batches_tracked",
     "layers.{}.conv.down_conv.weight":            "blocks.{}.conv.down_proj.weight",
     "layers.{}.conv.down_conv.bias":              "blocks.{}.conv.down_proj.bias",
     "layers.{}.ff2.pre_norm.weight":              "blocks.{}.ff2.ln.weight",
@@ -363,13 +387,10 @@ HF_ENCODER_KEY_MAP: dict[str, Union[str, tuple[str, ...]]] = {
 }
 # fmt: on
 
-# HF keys that are recognised and deliberately dropped: the distance table is a non-persistent buffer that HF
-# never saves (it is listed in case a caller passes ``named_buffers()``); FMS rebuilds it in ``post_init``.
-HF_ENCODER_DROPPED: tuple[str, ...] = ("attention_dists",)
-
-# FMS keys a checkpoint may lack without harm: BatchNorm's step counter only matters for training with
-# ``momentum=None``; ``load_hf_encoder`` leaves it at 0 when the HF state dict has none.
-FMS_OPTIONAL_KEYS: tuple[str, ...] = ("blocks.{}.conv.batch_norm.num_batches_tracked",)
+# HF keys that are recognised and deliberately dropped ({} a block index): the distance table is a non-persistent
+# buffer that HF never saves (it is listed in case a caller passes ``named_buffers()``), FMS rebuilds it in
+# ``post_init``; BatchNorm's training step counter is not kept by this port (``BatchNorm1d``).
+HF_ENCODER_DROPPED: tuple[str, ...] = ("attention_dists", "layers.{}.conv.batch_norm.num_batches_tracked")
 
 
 def _split_kv(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,6 +412,7 @@ HF_ENCODER_TRANSFORMS: dict[str, Callable] = {
 
 
 _HF_PATTERNS = [(template_regex(t), t) for t in HF_ENCODER_KEY_MAP]
+_DROPPED = [template_regex(t) for t in HF_ENCODER_DROPPED]
 
 
 _FMS_PATTERNS = [
@@ -438,7 +460,7 @@ def hf_encoder_to_fms(
         fms_prefix: prefix given to converted keys (e.g. ``"encoder."`` inside the whole FMS model).
 
     Returns:
-        a new dict; ``num_batches_tracked`` is converted like the other BatchNorm buffers.
+        a new dict.
     """
     out: dict[str, torch.Tensor] = {}
     for key, tensor in sd.items():
@@ -446,7 +468,7 @@ def hf_encoder_to_fms(
             out[key] = tensor
             continue
         rel = key[len(hf_prefix) :]
-        if rel in HF_ENCODER_DROPPED:
+        if any(p.fullmatch(rel) for p in _DROPPED):
             continue
         found = _match_template(rel)
         if found is None:
@@ -469,7 +491,7 @@ def load_hf_encoder(
 
     The encoder is built on the meta device and takes the converted tensors (copied, so nothing is shared with the
     source) with their device and dtype; ``post_init`` then builds ``attention_dists`` there. Returned in
-    ``eval()`` mode. A missing ``num_batches_tracked`` is tolerated (left at 0; see ``FMS_OPTIONAL_KEYS``).
+    ``eval()`` mode. BatchNorm's ``num_batches_tracked`` is dropped (``HF_ENCODER_DROPPED``), present or not.
 
     Args:
         hf_encoder_or_state_dict: the HF encoder module (``hf_model.model.encoder``) or its state dict with keys
@@ -503,7 +525,6 @@ def load_hf_encoder(
         converted,
         describe_missing=lambda k: f"{k} (from HF {_hf_name_of(k)})",
         describe_unexpected=lambda k: f"{k} ({_origin(k)})",
-        optional=[template_regex(t) for t in FMS_OPTIONAL_KEYS],
     )
     if problems:
         raise ValueError(
@@ -512,9 +533,6 @@ def load_hf_encoder(
         )
 
     full = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in converted.items()}
-    for k in expected:
-        if k not in full:  # an optional key: BatchNorm's num_batches_tracked
-            full[k] = torch.zeros((), dtype=torch.long, device=next(iter(full.values())).device)
     model.load_state_dict(full, strict=True, assign=True)
     model.post_init()
     return model.eval()

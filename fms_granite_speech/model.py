@@ -24,9 +24,8 @@ from fms.distributed.strategy import DistributedStrategy, NoOpStrategy, NotDistr
 from fms.models.granite import Granite
 from torch import nn
 
-from fms_granite_speech._strict import template_regex
 from fms_granite_speech.config import GraniteSpeechConfig, get_config
-from fms_granite_speech.conformer import FMS_OPTIONAL_KEYS, ConformerEncoder
+from fms_granite_speech.conformer import ConformerEncoder
 from fms_granite_speech.lora import DecoderLoRA, LoRASite, check_lora_config, lora_sites
 from fms_granite_speech.projector import QFormerProjector
 
@@ -134,7 +133,6 @@ class GraniteSpeech(nn.Module):
         self.decoder.post_init()
         if all(p.is_meta for p in self.parameters()):
             return  # built on the meta device on purpose (shapes only): nothing was loaded, nothing to check
-        self._materialize_optional_buffers()
         self._check_coverage()
         if self.config.lora is not None:
             for site in self.lora_sites():
@@ -142,15 +140,6 @@ class GraniteSpeech(nn.Module):
             self._adapter_enabled = False
             self.set_adapter(True)
         self.eval()
-
-    def _materialize_optional_buffers(self):
-        """BatchNorm's ``num_batches_tracked`` is optional in checkpoints (eval never reads it): 0 when absent."""
-        patterns = [template_regex("encoder." + t) for t in FMS_OPTIONAL_KEYS]
-        device = self.decoder.base_model.embedding.weight.device
-        for name, buf in list(self.named_buffers()):
-            if buf.is_meta and any(p.match(name) for p in patterns):
-                module_name, _, attr = name.rpartition(".")
-                setattr(self.get_submodule(module_name), attr, torch.zeros((), dtype=buf.dtype, device=device))
 
     def _check_coverage(self):
         missing = [n for n, p in self.named_parameters(remove_duplicate=False) if p.is_meta]

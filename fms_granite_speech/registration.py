@@ -335,6 +335,40 @@ def _check_against_model(
     return good
 
 
+def _fms_decoder_layout(input_sd: Mapping[str, Any], model_config=None, **kwargs) -> Mapping[str, Any]:
+    """FMS-format checkpoints (``source="fms"``, FMS's default for ``get_model(..., model_path=FILE)``): the decoder's
+    q/k/v and gate/up tensors in the layout the model is built with, whichever the file holds.
+
+    A fused model (``fused_weights=True``) takes unfused tensors through FMS granite's own ``weight_fusion`` step; an
+    unfused one (``fused_weights=False``) gets ``attn.in_proj.qkv_fused`` split into ``query`` / ``key`` / ``value``
+    (rows ``nheads * head_dim``, ``kvheads * head_dim``, ``kvheads * head_dim``) and ``ff_sub_layer.wg1_fused`` into
+    ``wg`` / ``w1`` (its two halves, gate first), as ``fms.utils.fusion`` orders them. Every other tensor passes.
+    """
+    cfg = _model_config(model_config)
+    if cfg.fused_weights:  # the decoder's keys only: the Q-Former's own modules have their own q/k/v and wg names
+        decoder = {k: v for k, v in input_sd.items() if k.startswith("decoder.")}
+        fuse = _fms_compat.registered_step("granite", "weight_fusion")
+        return {**{k: v for k, v in input_sd.items() if k not in decoder}, **fuse(decoder, model_config=cfg.decoder)}
+    d = cfg.decoder
+    q_rows, kv_rows = d.nheads * d.head_dim, (d.kvheads or d.nheads) * d.head_dim
+    out: dict[str, Any] = {}
+    for key, value in input_sd.items():
+        qkv = _QKV_FUSED.fullmatch(key)
+        glu = _GLU_FUSED.fullmatch(key)
+        if qkv:
+            for name, part in zip(("query", "key", "value"), value.split([q_rows, kv_rows, kv_rows], dim=0)):
+                out[f"{qkv[1]}.{name}.{qkv[2]}"] = part
+        elif glu:
+            for name, part in zip(("wg", "w1"), value.chunk(2, dim=0)):
+                out[f"{glu[1]}.{name}.{glu[2]}"] = part
+        else:
+            out[key] = value
+    return out
+
+
+_QKV_FUSED = re.compile(r"(decoder\.base_model\.layers\.\d+\.attn\.in_proj)\.qkv_fused\.(weight|bias)")
+_GLU_FUSED = re.compile(r"(decoder\.base_model\.layers\.\d+\.ff_sub_layer)\.wg1_fused\.(weight|bias)")
+
 # fmt: off
 _HF_STEPS = [
     ("hf_peft_unwrap",       _hf_peft_unwrap),
@@ -348,6 +382,8 @@ _HF_STEPS = [
 for _name, _step in _HF_STEPS:
     serialization.register_adapter_step(ARCHITECTURE, _name, _step)
 serialization.register_adapter(ARCHITECTURE, "hf", [name for name, _ in _HF_STEPS])
+serialization.register_adapter_step(ARCHITECTURE, "fms_decoder_layout", _fms_decoder_layout)
+serialization.register_adapter(ARCHITECTURE, "fms", ["fms_decoder_layout", "check_against_model"])
 
 
 # -- HF config registry (get_model("hf_pretrained", model_path=DIR)) ------------------------------------------------

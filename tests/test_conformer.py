@@ -193,7 +193,8 @@ def test_mid_block_hook_sees_pre_residual_output_and_ctc_logits(hf_encoder, fms_
 def test_conversion_covers_every_hf_key_exactly(hf_encoder, fms_encoder):
     hf_sd = hf_encoder.state_dict()
     converted = hf_encoder_to_fms(hf_sd)
-    assert set(converted) == set(fms_encoder.state_dict())  # num_batches_tracked included
+    assert set(converted) == set(fms_encoder.state_dict())  # HF's num_batches_tracked dropped, as FMS keeps none
+    assert not any(k.endswith("num_batches_tracked") for k in converted)
     used = {t for k in hf_sd for t in HF_ENCODER_KEY_MAP if t.replace("{}", "0") == k}
     assert used == set(HF_ENCODER_KEY_MAP)  # no stale row in the map
 
@@ -204,14 +205,14 @@ def test_conversion_of_one_layer_with_prefixes(hf_encoder):
     out = hf_encoder_to_fms(hf_sd, hf_prefix="encoder.", fms_prefix="encoder.")
     assert out["projector.linear.weight"] is hf_sd["projector.linear.weight"]
     assert all(k.startswith("encoder.blocks.3.") for k in out if k != "projector.linear.weight")
-    assert len(out) == len(hf_sd) + 1  # to_kv became key + value
+    assert len(out) == len(hf_sd)  # to_kv became key + value; BatchNorm's num_batches_tracked was dropped
     kv = hf_sd["encoder.layers.3.attn.to_kv.weight"]
     inner = ENC.num_heads * ENC.dim_head
     assert torch.equal(out["encoder.blocks.3.attn.key.weight"], kv[:inner])
     assert torch.equal(out["encoder.blocks.3.attn.value.weight"], kv[inner:])
     up = hf_sd["encoder.layers.3.conv.up_conv.weight"]
     assert up.shape[-1] == 1 and torch.equal(out["encoder.blocks.3.conv.up_proj.weight"], up[..., 0])
-    for stat in ("running_mean", "running_var", "num_batches_tracked"):
+    for stat in ("running_mean", "running_var"):
         assert torch.equal(
             out[f"encoder.blocks.3.conv.batch_norm.{stat}"], hf_sd[f"encoder.layers.3.conv.batch_norm.{stat}"]
         )
@@ -257,12 +258,21 @@ def test_bad_source_type_raises_type_error():
         load_hf_encoder([1, 2], ENC)
 
 
-def test_missing_num_batches_tracked_is_tolerated(hf_encoder, fms_encoder):
+def test_num_batches_tracked_is_dropped_present_or_not(hf_encoder, fms_encoder):
+    """BatchNorm's int64 step counter is not kept: the encoder's state dict is one dtype, and HF state dicts load
+    with or without it (a plain torch load_state_dict of a dict holding it too)."""
+    assert {v.dtype for v in fms_encoder.state_dict().values()} == {torch.float32}
     sd = {k: v for k, v in hf_encoder.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(sd) < len(hf_encoder.state_dict())
     model = load_hf_encoder(sd, ENC)
-    assert int(model.blocks[0].conv.batch_norm.num_batches_tracked) == 0
+    assert model.blocks[0].conv.batch_norm.num_batches_tracked is None
     features = _random_features(1, 33, seed=5)
     assert torch.equal(model(features), fms_encoder(features))
+    with_counter = dict(model.state_dict(), **{"blocks.0.conv.batch_norm.num_batches_tracked": torch.tensor(7)})
+    model.load_state_dict(with_counter, strict=True)
+    norm = model.blocks[0].conv.batch_norm
+    norm.reset_parameters()  # resets the running statistics, without a counter
+    assert torch.equal(norm.running_var, torch.ones_like(norm.running_var)) and not norm.running_mean.any()
 
 
 def test_loaded_encoder_owns_its_weights(hf_encoder, fms_encoder):

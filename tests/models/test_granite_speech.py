@@ -10,8 +10,7 @@ Adaptations for audio, each the counterpart of one in upstream's llava_next test
   that clip's run of ``<|audio|>`` tokens (``_get_signature_optional_params``); ``TestGraniteSpeechTextOnly`` runs the
   same suites on a text-only prompt;
 * ``_maybe_get_initialized_parameter`` (the suite's hook for parameters its ``randn`` fill cannot serve, as
-  upstream's GPTQ test uses it): the Conformer's BatchNorm ``running_var`` must be positive and
-  ``num_batches_tracked`` is an integer counter;
+  upstream's GPTQ test uses it): the Conformer's BatchNorm ``running_var`` must be positive;
 * ``test_config_passed_to_model_and_updated`` is defined per model, as upstream's is.
 
 Nothing is skipped: upstream skips ``test_config_params_passed_as_kwargs_to_model`` for llava_next because its nested
@@ -52,8 +51,6 @@ class GraniteSpeechFixtures(ConfigFixtureMixin, ModelFixtureMixin):
     def _maybe_get_initialized_parameter(self, key, parameter):
         if key.endswith("batch_norm.running_var"):
             return torch.rand_like(parameter) + 0.5  # a variance: positive
-        if key.endswith("num_batches_tracked"):
-            return torch.zeros_like(parameter)  # an integer step counter (eval never reads it)
         return None
 
 
