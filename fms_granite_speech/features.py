@@ -161,11 +161,107 @@ class GraniteSpeechFeatureExtractor:
         downmix: bool = False,
     ):
         self.sample_rate, self.n_fft, self.hop_length, self.n_mels = sample_rate, n_fft, hop_length, n_mels
+        self.win_length = win_length
         self.window_size, self.downsample_rate = window_size, downsample_rate
         self.resample, self.downmix = resample, downmix
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=n_fft, win_length=win_length, hop_length=hop_length, n_mels=n_mels
         )
+
+    # -- settings, in transformers' format --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """The settings in transformers' ``GraniteSpeechFeatureExtractor`` format (what its ``save_pretrained``
+        writes as a processor's ``audio_processor`` section, or a ``preprocessor_config.json``), so either library
+        reads what the other wrote. ``resample`` / ``downmix`` are this project's input conveniences, not kept."""
+        return {
+            "feature_extractor_type": "GraniteSpeechFeatureExtractor",
+            "feature_size": self.n_mels,
+            "sampling_rate": self.sample_rate,
+            "melspec_kwargs": {"sample_rate": self.sample_rate, "n_fft": self.n_fft, "win_length": self.win_length,
+                               "hop_length": self.hop_length, "n_mels": self.n_mels},
+            "projector_window_size": self.window_size,
+            "projector_downsample_rate": self.downsample_rate,
+            "padding_value": 0.0,
+            "padding_side": "right",
+            "return_attention_mask": True,
+        }
+
+    @classmethod
+    def from_dict(cls, settings: dict, source: str = "the settings", **kwargs) -> "GraniteSpeechFeatureExtractor":
+        """An extractor from transformers-format settings (``to_dict``; ``melspec_kwargs`` nested or flat keys as
+        transformers' ``__init__`` takes them); ``kwargs`` (``resample``, ``downmix``) are passed on.
+
+        Raises:
+            ValueError: a setting that is not a positive integer, a ``padding_value`` other than 0 (both extractors
+                zero-pad), or a ``feature_extractor_type`` of another model; the message names ``source``.
+        """
+        if not isinstance(settings, dict):
+            raise ValueError(f"{source}: the feature extractor settings are a JSON {type(settings).__name__}, not an "
+                             "object")
+        kind = settings.get("feature_extractor_type", "GraniteSpeechFeatureExtractor")
+        if kind != "GraniteSpeechFeatureExtractor":
+            raise ValueError(f"{source}: feature_extractor_type is {kind!r}, not GraniteSpeechFeatureExtractor")
+        mel = settings.get("melspec_kwargs") or {}
+        if not isinstance(mel, dict):
+            raise ValueError(f"{source}: melspec_kwargs is a JSON {type(mel).__name__}, not an object")
+        values = {
+            "sample_rate": mel.get("sample_rate", settings.get("sampling_rate", 16000)),
+            "n_fft": mel.get("n_fft", settings.get("n_fft", 512)),
+            "win_length": mel.get("win_length", settings.get("win_length", 400)),
+            "hop_length": mel.get("hop_length", settings.get("hop_length", 160)),
+            "n_mels": mel.get("n_mels", settings.get("n_mels", settings.get("feature_size", 80))),
+            "window_size": settings.get("projector_window_size", 15),
+            "downsample_rate": settings.get("projector_downsample_rate", 5),
+        }
+        bad = [f"{k}={v!r}" for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"{source}: feature extractor settings must be positive integers: {', '.join(bad)}")
+        if settings.get("padding_value", 0.0) not in (0, 0.0):
+            raise ValueError(f"{source}: padding_value {settings['padding_value']!r}; Granite Speech pads with 0.0")
+        return cls(**values, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder: Union[str, Path], **kwargs) -> "GraniteSpeechFeatureExtractor":
+        """The extractor a checkpoint folder describes, read as transformers reads it: ``processor_config.json``'s
+        ``audio_processor`` (or ``feature_extractor``) section, else ``preprocessor_config.json``, else the model's
+        ``config.json`` (its ``window_size`` and ``downsample_rate``; the mel settings at their defaults).
+
+        Raises:
+            FileNotFoundError: none of the three files is in ``folder``.
+            ValueError: a file that is not JSON, or settings ``from_dict`` refuses (the file is named).
+        """
+        import json
+
+        folder = Path(folder)
+        for name, section in (("processor_config.json", ("audio_processor", "feature_extractor")),
+                              ("preprocessor_config.json", None), ("config.json", "model")):
+            path = folder / name
+            if not path.is_file():
+                continue
+            try:
+                doc = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{path} is not valid JSON: {err}") from None
+            if not isinstance(doc, dict):
+                raise ValueError(f"{path} is a JSON {type(doc).__name__}, not an object")
+            if section == "model":
+                settings = {"projector_window_size": doc.get("window_size", 15),
+                            "projector_downsample_rate": doc.get("downsample_rate", 5)}
+            elif section is None:
+                settings = doc
+            else:
+                settings = next((doc[k] for k in section if k in doc), None)
+                if settings is None:
+                    continue  # a processor file without audio settings: the next file says them
+            return cls.from_dict(settings, source=str(path), **kwargs)
+        raise FileNotFoundError(f"{folder} has no processor_config.json, preprocessor_config.json or config.json to "
+                                "read the feature extractor settings from")
+
+    def token_counts(self, num_samples: Sequence[int]) -> list[int]:
+        """Audio tokens of clips of ``num_samples`` samples each (``audio_token_count`` with these settings): what
+        ``__call__`` reports as ``audio_token_counts``, without computing a spectrogram."""
+        return [audio_token_count(int(n), self.window_size, self.downsample_rate, self.hop_length) for n in num_samples]
 
     def __call__(
         self, audio: AudioInput, sampling_rate: Optional[int] = None, device: Union[str, torch.device, None] = None

@@ -18,6 +18,7 @@ audio tokens away (HF truncates silently), and a tokenizer that does not map ``<
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -175,6 +176,66 @@ class GraniteSpeechProcessor:
         if device is not None:
             out = {name: t.to(device) for name, t in out.items()}
         return out
+
+    # -- a folder, as transformers' processors use one ------------------------------------------------------------
+
+    def save_pretrained(self, folder: Union[str, Path]) -> Path:
+        """Write the tokenizer (its own ``save_pretrained``) and ``processor_config.json`` (the feature extractor's
+        settings as its ``audio_processor`` section, the audio token, ``processor_class``) to ``folder``, in
+        transformers' layout, so ``GraniteSpeechProcessor.from_pretrained`` of either library reads it back. The
+        JSON is written to a temporary name and renamed: an interrupted save leaves no half-written file.
+
+        Returns:
+            the folder.
+        """
+        import json
+        import os
+        import tempfile
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(folder))
+        doc = {"audio_processor": self.feature_extractor.to_dict(), "audio_token": self.audio_token,
+               "processor_class": "GraniteSpeechProcessor"}
+        fd, tmp = tempfile.mkstemp(prefix=".processor_config.", suffix=".json", dir=folder)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(doc, indent=2) + "\n")
+            os.replace(tmp, folder / "processor_config.json")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: Union[str, Path], **extractor_kwargs) -> "GraniteSpeechProcessor":
+        """The processor of a checkpoint folder: its tokenizer (``AutoTokenizer``, local files only), the feature
+        extractor settings ``GraniteSpeechFeatureExtractor.from_pretrained`` reads there (a processor config, else a
+        preprocessor config, else the model config's window and downsample rate), and the audio token the processor
+        config names. ``extractor_kwargs`` (``resample``, ``downmix``) go to the extractor.
+
+        Raises:
+            FileNotFoundError: the folder has no tokenizer files, or nothing to read the extractor settings from.
+            ValueError: unreadable settings or tokenizer (the file is named).
+        """
+        import json
+
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"cannot load the tokenizer of {folder}: {str(err).splitlines()[0]}") from None
+        extractor = GraniteSpeechFeatureExtractor.from_pretrained(folder, **extractor_kwargs)
+        audio_token = None
+        path = folder / "processor_config.json"
+        if path.is_file():
+            doc = json.loads(path.read_text())  # valid JSON: the extractor just read it
+            audio_token = doc.get("audio_token") if isinstance(doc, dict) else None
+        return cls(tokenizer, feature_extractor=extractor, audio_token=audio_token)
 
     def _validate_text(self, text: Any) -> list[str]:
         if isinstance(text, str):

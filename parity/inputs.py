@@ -47,6 +47,7 @@ __all__ = [
     "case_names",
     "encoder_frames",
     "make_waveform",
+    "pipeline_extractors",
     "samples_for_frames",
 ]
 
@@ -222,32 +223,66 @@ def _clips(audio: AudioArg) -> tuple[list[torch.Tensor], list[str], Optional[int
     return waves, described, rate
 
 
-def _hf_pipeline(tokenizer, texts: list[str], waves: Optional[list[torch.Tensor]]) -> dict[str, Any]:
-    """transformers' processor: ids, attention mask, features, mask, and its extractor's per-clip token counts."""
-    from transformers import GraniteSpeechFeatureExtractor, GraniteSpeechProcessor
+def pipeline_extractors(pair) -> tuple[Any, Any]:
+    """(transformers' ``GraniteSpeechFeatureExtractor``, the project's) for ``pair``, each read the way its own
+    library reads it: for a checkpoint, from the folder's processor / preprocessor config when it has one (transformers'
+    ``from_pretrained``; the project's ``GraniteSpeechFeatureExtractor.from_pretrained``), else built from the model
+    config's ``window_size`` and ``downsample_rate`` (as a user of either library would); for random weights, from
+    the variant's projector config. Built once per pair (no file is read again for a second batch).
 
-    extractor = GraniteSpeechFeatureExtractor()
+    Raises:
+        ValueError: settings a library cannot read (the file is named).
+    """
+    cached = getattr(pair, "_extractors", None)
+    if cached is not None:
+        return cached
+    from transformers import GraniteSpeechFeatureExtractor as HFExtractor
+
+    from fms_granite_speech.features import GraniteSpeechFeatureExtractor
+
+    window, rate = pair.config.projector.window_size, pair.config.projector.downsample_rate
+    folder = None if pair.checkpoint is None else Path(pair.checkpoint)
+    if folder is not None and any((folder / f).is_file() for f in ("processor_config.json",
+                                                                    "preprocessor_config.json")):
+        try:
+            hf = HFExtractor.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"transformers cannot read the feature extractor settings of {folder}: "
+                             f"{str(err).strip().splitlines()[0]}") from None
+        fms = GraniteSpeechFeatureExtractor.from_pretrained(folder)
+    else:
+        hf = HFExtractor(projector_window_size=window, projector_downsample_rate=rate)
+        fms = GraniteSpeechFeatureExtractor(window_size=window, downsample_rate=rate)
+    pair._extractors = (hf, fms)
+    return hf, fms
+
+
+def _hf_pipeline(extractor, tokenizer, texts: list[str], waves: Optional[list[torch.Tensor]]) -> dict[str, Any]:
+    """transformers' processor: ids, attention mask, features, mask, and its extractor's per-clip token counts (its
+    own formula on the clip lengths: the spectrograms are computed once, by the processor)."""
+    from transformers import GraniteSpeechProcessor
+
     processor = GraniteSpeechProcessor(extractor, tokenizer)
     out = processor(texts, audio=waves, return_tensors="pt") if waves else processor(texts, return_tensors="pt")
     result = {"input_ids": out["input_ids"].long(), "attention_mask": out["attention_mask"].long()}
     if waves:
         result["input_features"] = out["input_features"].float()
         result["input_features_mask"] = out["input_features_mask"].bool()
-        result["audio_token_counts"] = [int(n) for n in extractor(waves)["audio_embed_sizes"]]
+        result["audio_token_counts"] = [int(n) for n in extractor._get_num_audio_features([w.numel() for w in waves])]
     return result
 
 
-def _fms_pipeline(tokenizer, texts: list[str], waves: Optional[list[torch.Tensor]]) -> dict[str, Any]:
-    """The project's processor and feature extractor, the same outputs."""
+def _fms_pipeline(extractor, tokenizer, texts: list[str], waves: Optional[list[torch.Tensor]]) -> dict[str, Any]:
+    """The project's processor and feature extractor, the same outputs (spectrograms computed once)."""
     from fms_granite_speech.processor import GraniteSpeechProcessor
 
-    processor = GraniteSpeechProcessor(tokenizer)
+    processor = GraniteSpeechProcessor(tokenizer, feature_extractor=extractor)
     out = processor(texts, audio=waves) if waves else processor(texts)
     result = {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
     if waves:
         result["input_features"] = out["input_features"]
         result["input_features_mask"] = out["input_features_mask"]
-        result["audio_token_counts"] = list(processor.feature_extractor(waves).audio_token_counts)
+        result["audio_token_counts"] = extractor.token_counts([w.numel() for w in waves])
     return result
 
 
@@ -298,9 +333,10 @@ def build_inputs(pair, audio: AudioArg = None, prompt: Union[None, str, Sequence
                   samples=[int(w.numel()) for w in waves], case=case)
     # the project's pipeline first: its checks (empty, too short or int16-scaled clips, a placeholder count that
     # does not match the clips) answer in one line before transformers' processor fails inside itself
-    fms = ParityInputs(**_fms_pipeline(tokenizer, texts, waves or None), **common)
+    hf_extractor, fms_extractor = pipeline_extractors(pair)
+    fms = ParityInputs(**_fms_pipeline(fms_extractor, tokenizer, texts, waves or None), **common)
     try:
-        hf = ParityInputs(**_hf_pipeline(tokenizer, texts, waves or None), **common)
+        hf = ParityInputs(**_hf_pipeline(hf_extractor, tokenizer, texts, waves or None), **common)
     except (ValueError, RuntimeError, IndexError, TypeError, StopIteration) as err:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"transformers' GraniteSpeechProcessor cannot take these inputs ({text}); the project's "

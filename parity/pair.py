@@ -135,6 +135,7 @@ class ModelPair:
     distributed: Optional[str] = None
     fused_weights: bool = True
     _folder: Any = field(default=None, repr=False)  # a temporary HF folder of random weights (sequential mode)
+    _extractors: Any = field(default=None, repr=False)  # each side's feature extractor (parity.inputs)
 
     def provenance(self) -> dict:
         """JSON-safe description of where the weights came from and how both models run."""
