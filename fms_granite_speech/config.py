@@ -173,6 +173,7 @@ class GraniteSpeechConfig(ModelConfig):
             num_key_value_heads=d.kvheads or d.nheads,
             head_dim=d.head_dim,
             rms_norm_eps=d.norm_eps,
+            hidden_act={"swish": "silu"}.get(d.activation_fn, d.activation_fn),
             max_position_embeddings=d.max_expected_seq_len,
             rope_parameters={"rope_type": "default", "rope_theta": float(d.rope_theta)},
             tie_word_embeddings=d.tie_heads,
@@ -242,6 +243,10 @@ class GraniteSpeechConfig(ModelConfig):
             raise ValueError("decoder attention_bias / mlp_bias are not supported by this port")
         if getattr(pc, "use_qformer_text_input", False):
             raise ValueError("projector use_qformer_text_input=True is not supported by this port")
+        act = str(getattr(t, "hidden_act", "silu"))
+        if act not in _SAME_ACTIVATION:
+            raise ValueError(f"decoder hidden_act {act!r} is not implemented by FMS Granite's gated MLP (it runs "
+                             f"{', '.join(sorted(_SAME_ACTIVATION))}); this checkpoint cannot be ported as it is")
         head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
         decoder = _granite_config(
             vocab=t.vocab_size,
@@ -260,6 +265,7 @@ class GraniteSpeechConfig(ModelConfig):
             logits_scaling=t.logits_scaling,
             tie=bool(getattr(hf_config, "tie_word_embeddings", True) and getattr(t, "tie_word_embeddings", True)),
             pad_id=t.pad_token_id if t.pad_token_id is not None else -1,
+            activation=_SAME_ACTIVATION[act],
         )
         return cls(
             encoder=EncoderConfig(
@@ -292,6 +298,60 @@ class GraniteSpeechConfig(ModelConfig):
             audio_token_index=hf_config.audio_token_index,
         )
 
+    @classmethod
+    def load(cls, json_file) -> "GraniteSpeechConfig":
+        """A config saved by ``save`` (FMS's ``ModelConfig.load``), every value checked before the model sees it.
+
+        FMS's loader takes a JSON file on trust (a misspelt key is dropped, ``"16"`` is kept as a string, a missing
+        section becomes FMS's default 6.7 B-parameter decoder); this one refuses, in one line naming the file and the
+        field: a file that is not JSON or not an object; a missing or non-object ``encoder`` / ``projector`` /
+        ``decoder`` section (``lora`` may be null: no adapter); an unknown key (with the closest valid name); a value
+        of the wrong type (integers must be JSON integers, not ``"16"``, ``44.0`` or ``true``; floats may be
+        integers; booleans must be ``true`` / ``false``, not ``"false"``).
+
+        Raises:
+            FileNotFoundError: no such file. ValueError: everything above, and whatever the config's own checks
+            refuse (``__post_init__``).
+        """
+        import json
+        from pathlib import Path
+
+        path = Path(json_file)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a valid JSON config ({err}); save it again with config.save") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "the config") -> "GraniteSpeechConfig":
+        """``load``'s checks on a dict already parsed (``as_dict()`` output); see ``load``.
+
+        Raises:
+            ValueError: a missing or malformed section, an unknown key, a value of the wrong type.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: a Granite Speech config is a JSON object, got a JSON "
+                             f"{_JSON_TYPE.get(type(data).__name__, type(data).__name__)}")
+        kwargs = _checked_fields(cls, data, source, "", skip=("encoder", "projector", "decoder", "lora"))
+        for name, sub in (("encoder", EncoderConfig), ("projector", ProjectorConfig), ("decoder", GraniteConfig),
+                          ("lora", LoRAConfig)):
+            value = data.get(name, ...)
+            if value is ... and name != "lora":
+                raise ValueError(f"{source}: the {name!r} section is missing; a Granite Speech config needs encoder, "
+                                 "projector and decoder (save it with config.save)")
+            if value is None and name == "lora":
+                kwargs["lora"] = None
+            elif value is not ...:
+                if not isinstance(value, dict):
+                    raise ValueError(f"{source}: {name!r} is a JSON {_JSON_TYPE.get(type(value).__name__)}, not an "
+                                     "object of its fields")
+                kwargs[name] = sub(**_checked_fields(sub, value, source, name + "."))
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise ValueError(f"{source}: {err}") from None
+
     def replace(self, **changes) -> "GraniteSpeechConfig":
         """A copy with top-level fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
@@ -316,6 +376,57 @@ class GraniteSpeechConfig(ModelConfig):
                 sub.__post_init__()
         new.__post_init__()
         return new
+
+
+# transformers' ACT2FN names whose function FMS's ``str_to_activation`` computes the same way -> FMS's name
+_SAME_ACTIVATION = {"silu": "swish", "swish": "swish", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_pytorch_tanh",
+                    "relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "mish": "mish"}
+_JSON_TYPE = {"NoneType": "null", "list": "array", "dict": "object", "str": "string", "bool": "boolean",
+              "int": "integer", "float": "number"}
+
+
+def _checked_fields(cls, data: dict, source: str, prefix: str, skip: tuple = ()) -> dict:
+    """``data``'s fields for dataclass ``cls``, each checked against its annotation (see ``GraniteSpeechConfig.load``).
+
+    Raises:
+        ValueError: an unknown key (with the closest valid name) or a value of the wrong type, naming ``source`` and
+            the field.
+    """
+    import difflib
+    import json
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for key, value in data.items():
+        if key in skip:
+            continue
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(names)}"
+            raise ValueError(f"{source}: unknown config key {prefix + key!r}{hint}")
+        want = hints.get(key)
+        if typing.get_origin(want) is typing.Union:  # Optional[X]
+            args = [a for a in typing.get_args(want) if a is not type(None)]
+            if value is None:
+                out[key] = None
+                continue
+            want = args[0] if len(args) == 1 else None
+        ok = (want is None or want is typing.Any
+              or (want is bool and isinstance(value, bool))
+              or (want is int and isinstance(value, int) and not isinstance(value, bool))
+              or (want is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+              or (want is str and isinstance(value, str))
+              or (want in (tuple, list) and isinstance(value, (list, tuple)))
+              or (want is dict and isinstance(value, dict))
+              or (want not in (bool, int, float, str, tuple, list, dict)))
+        if not ok:
+            raise ValueError(f"{source}: {prefix + key} is {json.dumps(value)} (a JSON "
+                             f"{_JSON_TYPE.get(type(value).__name__, type(value).__name__)}); it must be "
+                             f"{'a JSON integer' if want is int else 'true or false' if want is bool else want.__name__}")
+        out[key] = float(value) if want is float else value
+    return out
 
 
 def _decoder_ffn_dim(d: GraniteConfig) -> int:
@@ -344,6 +455,7 @@ def _granite_config(
     logits_scaling: float,
     tie: bool,
     pad_id: int = -1,
+    activation: str = "swish",
 ) -> GraniteConfig:
     """An FMS ``GraniteConfig`` whose MLP width is exactly ``ffn``.
 
@@ -373,6 +485,7 @@ def _granite_config(
         residual_multiplier=residual_multiplier,
         attention_multiplier=attention_multiplier,
         logits_scaling=logits_scaling,
+        activation_fn=activation,
     )
     if _decoder_ffn_dim(cfg) != ffn:
         raise ValueError(f"cannot express decoder intermediate_size={ffn} as an FMS GraniteConfig")
