@@ -20,7 +20,8 @@ from fms_granite_speech.folder import (ADAPTER_WEIGHTS, CheckpointFolderError, c
                                        check_safetensors_folder)
 from fms_granite_speech.lora import ADAPTER_CONFIG, read_lora_config
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "check_safetensors_folder", "load_checkpoint", "read_config",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "check_checkpoint", "check_safetensors_folder", "load_checkpoint",
+           "read_config",
            "read_lora_config"]
 
 
@@ -67,6 +68,7 @@ def load_checkpoint(
     device: Union[str, torch.device] = "cpu",
     adapter: bool = True,
     fused_weights: bool = True,
+    check_only: bool = False,
 ):
     """Build a ``GraniteSpeech`` from an HF checkpoint folder, strictly.
 
@@ -82,9 +84,12 @@ def load_checkpoint(
         device: where the tensors are loaded.
         adapter: False ignores the LoRA adapter files (base model only, ``config.lora = None``).
         fused_weights: False builds the decoder with FMS's unfused q/k/v and gate/up weights.
+        check_only: read only the safetensors headers (names, shapes, dtypes: no tensor data) and run the same
+            conversion on meta tensors, so a folder that does not fit its config is refused in a second or two,
+            before anything is built (``check_checkpoint``); returns None.
 
     Returns:
-        the model, in eval mode.
+        the model, in eval mode (None with ``check_only``).
 
     Raises:
         FileNotFoundError: missing folder or indexed shard.
@@ -145,10 +150,22 @@ def load_checkpoint(
             for n in sorted({where[k] for k in group}):
                 with safe_open(str(files[n]), framework="pt", device=str(device)) as handle:
                     for k in sorted(k for k in group if where[k] == n):
-                        t = handle.get_tensor(k)
+                        if check_only:  # the header's shape and dtype, no data
+                            info = handle.get_slice(k)
+                            t = torch.empty(info.get_shape(), dtype=_SAFETENSORS_DTYPES.get(info.get_dtype(),
+                                                                                              torch.uint8),
+                                            device="meta")
+                        else:
+                            t = handle.get_tensor(k)
                         partial[k] = t.to(dtype if dtype is not None and t.is_floating_point() else t.dtype,
-                                          copy=True)
-            adapted = hf_adapter(partial, model_config=config, problems=problems)
+                                          copy=not check_only)
+            try:
+                adapted = hf_adapter(partial, model_config=config, problems=problems)
+            except (RuntimeError, ValueError, IndexError) as err:  # a step's reshape met a tensor of another size
+                shown = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(partial.items())[:6])
+                problems.append((key, f"tensors of {key.rsplit('.', 2)[0]}... do not fit config.json ({shown}"
+                                      f"{' ...' if len(partial) > 6 else ''}): {str(err).strip().splitlines()[0]}"))
+                continue
             model.load_state_dict(adapted, strict=False, assign=True)
             loaded.update(adapted)
     except SafetensorError as err:
@@ -158,8 +175,26 @@ def load_checkpoint(
     tied = {"decoder.head.weight"} if config.decoder.tie_heads else set()
     present = loaded | {key for key, _ in problems}
     missing = [k for k in shapes if k not in present and k not in tied]
-    messages = [f"missing tensor {k!r}" for k in missing] + [message for _, message in problems]
+    messages = [message for _, message in problems] + [f"missing tensor {k!r}" for k in missing]
     if messages:
         raise ValueError(f"checkpoint {path} does not fit the model ({len(messages)} problems): " + "; ".join(messages))
+    if check_only:
+        return None
     model.post_init()
     return model
+
+
+def check_checkpoint(path: Union[str, Path], *, adapter: bool = True, fused_weights: bool = True) -> None:
+    """Refuse a folder whose tensors do not fit its config.json (and adapter_config.json), reading only the
+    safetensors headers: the checks of ``load_checkpoint`` (every missing, unexpected and mis-shaped tensor, an adapter
+    whose rank differs from its tensors) before either side of a comparison is built, in one message.
+
+    Raises:
+        FileNotFoundError / ValueError: as ``load_checkpoint``.
+    """
+    load_checkpoint(path, adapter=adapter, fused_weights=fused_weights, check_only=True)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}

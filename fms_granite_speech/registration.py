@@ -242,6 +242,42 @@ def _hf_lora_to_fms(input_sd: Mapping[str, Any], model_config=None, **kwargs) ->
     return out
 
 
+def hf_decoder_shapes(d) -> dict[str, tuple[int, ...]]:
+    """The shapes the HF decoder tensors (GraniteForCausalLM names, ``{}`` a layer index) must have for FMS decoder
+    config ``d``: what ``config.json``'s ``text_config`` says, so a tensor of another size is named in HF's terms."""
+    from fms_granite_speech.config import _decoder_ffn_dim
+
+    dim, q, kv, ffn = d.emb_dim, d.nheads * d.head_dim, (d.kvheads or d.nheads) * d.head_dim, _decoder_ffn_dim(d)
+    return {"model.embed_tokens.weight": (d.src_vocab_size, dim), "lm_head.weight": (d.src_vocab_size, dim),
+            "model.norm.weight": (dim,),
+            "model.layers.{}.self_attn.q_proj.weight": (q, dim), "model.layers.{}.self_attn.k_proj.weight": (kv, dim),
+            "model.layers.{}.self_attn.v_proj.weight": (kv, dim), "model.layers.{}.self_attn.o_proj.weight": (dim, q),
+            "model.layers.{}.mlp.gate_proj.weight": (ffn, dim), "model.layers.{}.mlp.up_proj.weight": (ffn, dim),
+            "model.layers.{}.mlp.down_proj.weight": (dim, ffn), "model.layers.{}.input_layernorm.weight": (dim,),
+            "model.layers.{}.post_attention_layernorm.weight": (dim,)}
+
+
+def _drop_misshapen(decoder: dict, sources: Mapping[str, str], d, problems: Optional[list]) -> None:
+    """Tensors of ``decoder`` (GraniteForCausalLM names) whose shape is not ``hf_decoder_shapes``': one message each
+    naming the checkpoint's key and both shapes (raised, or appended to ``problems`` with the tensor and its fusion
+    partners dropped, so FMS's fusion never meets them)."""
+    shapes = hf_decoder_shapes(d)
+    bad = []
+    for rel, value in decoder.items():
+        want = shapes.get(re.sub(r"\.\d+\.", ".{}.", rel, count=1))
+        if want is not None and tuple(value.shape) != want:
+            bad.append((rel, f"tensor {sources[rel]!r} has shape {list(value.shape)}, config.json's text_config "
+                             f"expects {list(want)}"))
+    if bad and problems is None:
+        raise ValueError("checkpoint does not fit the Granite Speech config: " + "; ".join(m for _, m in bad))
+    for rel, message in bad:
+        problems.append((sources[rel], message))
+        m = re.match(r"^(model\.layers\.\d+\.)((?:self_attn|mlp)\.\w+)\.weight$", rel)
+        group = next((g for g in _FUSED_GROUPS if m and m.group(2) in g), (rel,) if not m else (m.group(2),))
+        for site in group:
+            decoder.pop(f"{m.group(1)}{site}.weight" if m else site, None)
+
+
 def _check_fusion_groups(decoder_sd: Mapping[str, Any]) -> None:
     """FMS fuses q|k|v and gate|up of a layer; a member missing from the checkpoint is named here, not a KeyError."""
     for key in decoder_sd:
@@ -282,6 +318,8 @@ def _hf_decoder_to_fms(input_sd: Mapping[str, Any], model_config=None, **kwargs)
         decoder[rel], sources[rel] = value, key
     if decoder:
         d = _model_config(model_config).decoder
+        _drop_misshapen(decoder, sources, d, kwargs.get("problems"))
+    if decoder:
         if d.head_dim != d.emb_dim // d.nheads:
             raise ValueError(
                 f"FMS granite's HF RoPE permutation assumes head_dim == emb_dim // nheads; got head_dim={d.head_dim}, "

@@ -288,8 +288,13 @@ def build_pair(
         from fms_granite_speech.folder import check_checkpoint_folder
         from fms_granite_speech.lora import read_lora_config
 
+        from fms_granite_speech.checkpoint import check_checkpoint
+
         path = check_checkpoint_folder(checkpoint)
         config = read_config(path, None, read_lora_config(path))
+        # the folder against its config, from the safetensors headers, before either side is built: a wrong shape
+        # is named by the project's strict loader, not by transformers' ignore_mismatched_sizes table
+        check_checkpoint(path, fused_weights=fused_weights)
         tokenizer = _tokenizer(path)
         variant, seed = None, None
     else:
