@@ -472,12 +472,18 @@ def run_check(out_dir: Union[str, Path] = "parity-report", workers: str = "auto"
     """
     import os
 
-    from parity._atomic import check_writable, staged
+    from parity._atomic import check_writable, staged, write_atomic
     from parity.report import SUITE_MD, SUITE_PNG
 
     path = Path(thresholds) if thresholds else THRESHOLDS_PATH
     doc = load_thresholds(path) if not update_baseline or path.is_file() else None
     out = check_writable(out_dir).resolve()
+    if update_baseline:  # before the suite runs, not after: the baseline must be writable where it goes
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or (path.exists()
+                                                                             and not os.access(path, os.W_OK)):
+            raise ValueError(f"cannot write the baseline to {path}: {'the file' if path.exists() else folder} is "
+                             "not writable; give --thresholds a writable path")
     owned = (SUITE_JSON, SUITE_MD, SUITE_PNG, CHECK_JSON, CHECK_MD, JUNIT)
     suite_dir = Path(__file__).with_name("tests")
     try:
@@ -512,7 +518,7 @@ def run_check(out_dir: Union[str, Path] = "parity-report", workers: str = "auto"
                 except ValueError as err:
                     print(f"parity check: error: {err}; baseline NOT written", file=sys.stderr)
                     raise _Abandon(1) from None
-                path.write_text(json.dumps(new_doc, indent=2) + "\n")
+                write_atomic(path, json.dumps(new_doc, indent=2) + "\n")
                 print(f"parity check: baseline written to {path}")
                 return 0
             outcome = evaluate(results, doc)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from parity._atomic import stage_file, write_atomic
 from parity._shell import OneLineParser, interruptible
 
 __all__ = ["main"]
@@ -454,17 +455,24 @@ def _run_diff(args, argv, cases, progress) -> int:
             print(f"note: {note}")
         print(f"elapsed {result.elapsed_s:.1f} s, peak memory "
               + ", ".join(f"{k} {v}" for k, v in result.peak_memory.items()))
+    payload = (runs[0][1].to_json() if len(runs) == 1 else _suite_json(runs)) if args.json else None
     try:
-        if len(runs) == 1:
-            paths = write_report(runs[0][1], out_dir)
-        else:
-            paths = write_suite_report({name: r for name, r in runs}, out_dir)
-        if args.json:
-            payload = runs[0][1].to_json() if len(runs) == 1 else _suite_json(runs)
-            if to_stdout:
-                print(payload)
+        # the --json file is written aside first, the report published, then the file renamed into place: a full
+        # disk or a failed publish leaves both the earlier report and the earlier JSON whole
+        json_tmp = stage_file(args.json, payload + "\n") if payload is not None and not to_stdout else None
+        try:
+            if len(runs) == 1:
+                paths = write_report(runs[0][1], out_dir)
             else:
-                Path(args.json).write_text(payload + "\n")
+                paths = write_suite_report({name: r for name, r in runs}, out_dir)
+        except BaseException:
+            if json_tmp is not None:
+                json_tmp.unlink(missing_ok=True)
+            raise
+        if json_tmp is not None:
+            os.replace(json_tmp, args.json)
+        if to_stdout:
+            print(payload)
     except (ValueError, OSError) as err:  # the folder became unwritable, the disk is full: nothing was replaced
         raise _UsageError(_first_line(err)) from None
     if not to_stdout:
@@ -540,7 +548,10 @@ def _cmd_generate(args, argv) -> int:
         print(f"parity generate: {weights}, {source}")
         print(format_table(result, tokenizer=tokenizer))
         if args.json:
-            Path(args.json).write_text(result.to_json() + "\n")
+            try:
+                write_atomic(args.json, result.to_json() + "\n")
+            except OSError as err:  # a full disk: the earlier file is whole
+                raise _UsageError(f"cannot write --json {args.json}: {err.strerror or err}") from None
             print(f"json: {args.json}")
     return EXIT_PASS if result.passed else EXIT_FAIL
 

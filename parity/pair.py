@@ -24,6 +24,7 @@ third of the memory available (``/proc/meminfo`` MemAvailable, or the free CUDA 
 from __future__ import annotations
 
 import gc
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,15 +194,27 @@ class ModelPair:
     def _build_hf(self) -> nn.Module:
         if self.checkpoint is not None:
             return _hf_from_checkpoint(Path(self.checkpoint), self.dtype, self.device)
+        from transformers.utils import logging as hf_logging
+
         from fms_granite_speech.testing import build_hf_model, write_hf_checkpoint
 
+        hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break the one-line stderr contract
         hf = build_hf_model(self.config, seed=self.seed, dtype=self.dtype, device=self.device)
         if self.memory == "sequential" and self._folder is None:
             # FMS is built after HF is freed: from the HF folder save_pretrained writes, through the real loader
             self._folder = tempfile.TemporaryDirectory(prefix="parity-weights-")
             # 1 GB shards: safetensors' save_file builds each shard as bytes in memory before writing it, so one
             # 50 GB-default shard would double the model's memory for the length of the save
-            write_hf_checkpoint(hf, self._folder.name, max_shard_size="1GB")
+            try:
+                write_hf_checkpoint(hf, self._folder.name, max_shard_size="1GB")
+            except BaseException as err:  # a full disk, an interrupt: no gigabytes of weights left in TMPDIR
+                self._folder.cleanup()
+                self._folder = None
+                if isinstance(err, OSError):
+                    raise ValueError(f"cannot write the temporary weights of --memory sequential to "
+                                     f"{tempfile.gettempdir()}: {err.strerror or err}; free space there or set "
+                                     "TMPDIR to a larger disk") from None
+                raise
         return hf
 
     def _build_fms(self) -> nn.Module:
@@ -314,6 +327,13 @@ def build_pair(
         # two, on a 24 GB machine: together peaked at 13.8 GiB and took 8:09, about 200 s of it converting HF's
         # state dict in memory; one at a time peaked at 7.8 GiB and builds FMS from the saved folder in 32 s)
         memory = "sequential" if free is not None and need > free / 3 else "together"
+    if memory == "sequential" and checkpoint is None:  # the HF weights go through a temporary folder: room for them?
+        need = weight_bytes(config, dtype)
+        room = shutil.disk_usage(tempfile.gettempdir()).free
+        if room < 1.1 * need:
+            raise ValueError(f"--memory sequential writes the HF weights ({need / 2**30:.2f} GiB) to "
+                             f"{tempfile.gettempdir()}, which has {room / 2**30:.2f} GiB free; set TMPDIR to a disk "
+                             "with room, or use --memory together")
     pair = ModelPair(hf=None, fms=None, config=config, dtype=dtype, device=dev, variant=variant,
                      checkpoint=None if checkpoint is None else str(checkpoint), seed=seed, tokenizer=tokenizer,
                      memory=memory, distributed=distributed, fused_weights=fused_weights)
