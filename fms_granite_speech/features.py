@@ -84,16 +84,43 @@ def load_wav(path: Union[str, Path]) -> tuple[torch.Tensor, int]:
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: soundfile cannot decode the file.
+        ValueError: soundfile cannot decode the file, or a WAV whose header declares more audio than the file holds
+            (a truncated file: libsndfile would return the part that is there without a word).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
+    _check_wav_data_size(path)
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as err:
         raise ValueError(f"cannot decode audio file {path}: {err}; give a WAV/FLAC/OGG file") from err
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(rate)
+
+
+def _check_wav_data_size(path: Path) -> None:
+    """A RIFF/WAVE file whose ``data`` chunk declares more bytes than follow it is truncated: refuse it. Sizes of 0 and
+    0xFFFFFFFF (written by streaming encoders that never came back to fill them in) mean "unknown" and pass."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        size = path.stat().st_size
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return
+            name, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if name == b"data":
+                available = size - f.tell()
+                if length not in (0, 0xFFFFFFFF) and length > available:
+                    raise ValueError(f"{path} is truncated: its WAV header declares {length} bytes of audio but the "
+                                     f"file holds {available} ({100 * available / length:.0f}%); re-export or "
+                                     "re-download it")
+                return
+            f.seek(length + (length & 1), 1)
 
 
 def audio_token_count(num_samples: int, window_size: int = 15, downsample_rate: int = 5, hop_length: int = 160) -> int:

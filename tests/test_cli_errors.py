@@ -337,3 +337,21 @@ def test_a_folder_among_the_clips_is_that_files_error_and_the_others_are_transcr
     assert [line.split(":")[0] for line in printed] == [clip, clip]
     errors = [line for line in captured.err.splitlines() if "error" in line]
     assert len(errors) == 1 and str(folder) in errors[0] and "is a folder, not an audio file" in errors[0]
+
+
+def test_a_truncated_wav_is_refused_through_every_interface(tmp_path, capsys):
+    from fms_granite_speech.features import load_wav
+
+    whole = tmp_path / "whole.wav"
+    soundfile.write(str(whole), (0.1 * np.random.default_rng(0).standard_normal(16000)).astype("float32"), 16000,
+                    subtype="PCM_16")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole.read_bytes()[:16000])
+    assert load_wav(whole)[0].shape == (1, 16000)
+    with pytest.raises(ValueError, match="is truncated: its WAV header declares 32000 bytes"):
+        load_wav(cut)
+    assert parity_main(["diff", "--layer", "encoder.blocks.0", "--audio", str(cut), "--report-dir",
+                        str(tmp_path / "r"), "--quiet"]) == 2
+    assert "is truncated" in _one_error(capsys.readouterr().err)
+    assert speech_main(["transcribe", str(cut), "--variant", "tiny", "--no-progress", "--max-new-tokens", "2"]) == 1
+    assert "is truncated" in capsys.readouterr().err
