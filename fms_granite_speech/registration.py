@@ -25,6 +25,7 @@ from fms import models
 from fms.utils import serialization
 
 from fms_granite_speech import _fms_compat
+from fms_granite_speech._strict import template_regex
 from fms_granite_speech.config import GraniteSpeechConfig, VARIANTS, get_config
 from fms_granite_speech.conformer import hf_encoder_to_fms
 from fms_granite_speech.folder import check_checkpoint_folder
@@ -261,10 +262,10 @@ def _drop_misshapen(decoder: dict, sources: Mapping[str, str], d, problems: Opti
     """Tensors of ``decoder`` (GraniteForCausalLM names) whose shape is not ``hf_decoder_shapes``': one message each
     naming the checkpoint's key and both shapes (raised, or appended to ``problems`` with the tensor and its fusion
     partners dropped, so FMS's fusion never meets them)."""
-    shapes = hf_decoder_shapes(d)
+    shapes = [(template_regex(t), shape) for t, shape in hf_decoder_shapes(d).items()]
     bad = []
     for rel, value in decoder.items():
-        want = shapes.get(re.sub(r"\.\d+\.", ".{}.", rel, count=1))
+        want = next((shape for pattern, shape in shapes if pattern.match(rel)), None)
         if want is not None and tuple(value.shape) != want:
             bad.append((rel, f"tensor {sources[rel]!r} has shape {list(value.shape)}, config.json's text_config "
                              f"expects {list(want)}"))

@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from parity._tree import map_tensors
+
 __all__ = ["Capture", "UnknownModulePathError", "first_tensor"]
 
 Callback = Callable[[str, torch.Tensor], None]
@@ -67,14 +69,8 @@ _RECORDS = "_parity_records"  # the attribute each hooked module keeps its recor
 
 
 def _detached_copy(value: Any) -> Any:
-    """``value`` with every tensor (at the top level of a tuple/list/dict too) detached and cloned."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached_copy(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached_copy(v) for k, v in value.items()}
-    return value
+    """``value`` with every tensor (in nested tuples / lists / dicts too) detached and cloned."""
+    return map_tensors(lambda t: t.detach().clone(), value)
 
 
 class _Hook:

@@ -46,6 +46,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from parity._tree import map_tensors
 from parity.capture import Capture
 from parity.metrics import (REDUCED_PRECISION, TensorDiff, Tolerance, compare_tensors, default_tolerance,
                             recheck_diff, rounding_tolerance)
@@ -311,23 +312,11 @@ def _collect(caps: list[Capture], pairs: list[LayerPair], side: str, what: str, 
 
 
 def _to_host(value):
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_host(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_host(v) for k, v in value.items()}
-    return value
+    return map_tensors(lambda t: t.cpu(), value)
 
 
 def _to_device(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
+    return map_tensors(lambda t: t.to(device), value)
 
 
 def _rel_l2(test: torch.Tensor, ref: torch.Tensor) -> float:
@@ -338,23 +327,61 @@ class _ModelRaised(Exception):
     """The model under test raised while running its inputs (a verdict, not a usage error)."""
 
 
+@dataclasses.dataclass
+class _Reference:
+    """What phase 1 keeps of the HF run: each row's outputs, the replayed rows' calls bound by parameter name (so the
+    FMS replays need nothing of HF once it is freed), and the context the replays read (inputs, HF's projector
+    output)."""
+
+    tensors: dict
+    calls: dict
+    context: dict
+    hf_has: Optional[bool] = None
+
+
 def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Tolerance], use64: bool,
            progress: Progress) -> tuple[list[LayerResult], _Bounds, list[str]]:
-    config, dtype = pair.config, pair.dtype
+    """Eager mode in its phases: the pipelines, the reference (HF, stored), HF's float64 bounds, HF freed when one
+    model at a time, the model under test streamed against the reference, its modules replayed on HF's calls, and
+    the rows assembled."""
     model_rows = [p for p in run if p.tensor != PIPELINE]
     replayed = [p for p in model_rows if p.kind is not None]
-    notes: list[str] = []
-    bounds = _Bounds(dtype=dtype, tol=tol)
-    results = {r.name: r for r in _pipelines(run, inputs)}
+    bounds = _Bounds(dtype=pair.dtype, tol=tol)
+    pipelines = {r.name: r for r in _pipelines(run, inputs)}
     if not model_rows:
-        return [results[p.name] for p in run], bounds, notes
+        return [pipelines[p.name] for p in run], bounds, []
     decoder = upto == "decoder"
+    ref = _run_reference(pair, inputs, run, model_rows, replayed, upto, decoder, bounds, use64, progress)
+    if pair.memory == "sequential":
+        _say(progress, "freeing HF (one model at a time)")
+        # every local that reaches the HF model goes, or release() frees nothing: the captures hold their model,
+        # the float64 replay context holds it by name
+        pair.release("hf")
+    _say(progress, "building FMS" if pair.fms is None else "running FMS")
+    fms = pair.get("fms")
+    with torch.no_grad(), (_adapter(fms, "fms", inputs.has_audio) if decoder else contextlib.nullcontext(None)) \
+            as fms_has:
+        streamed = _stream_under_test(fms, inputs, model_rows, ref, bounds, upto, pair.dtype, pair.config)
+        _say(progress, "replaying FMS modules on HF's inputs")
+        introduced, intro_errors = _replay_under_test(fms, replayed, ref, bounds, pair.device, pair.config)
+    notes = []
+    note = _adapter_note(ref.hf_has if decoder else None, fms_has if decoder else None, inputs.has_audio)
+    if note:
+        notes.append(note)
+    rows, raised = _assemble(run, model_rows, pipelines, ref, streamed, introduced, intro_errors, bounds)
+    if raised is not None:
+        notes.append(f"the FMS model raised on its inputs: {raised}")
+    return rows, bounds, notes
+
+
+def _run_reference(pair, inputs, run, model_rows, replayed, upto, decoder, bounds, use64, progress) -> _Reference:
+    """Phase 1 (and 2): HF with storing captures on every row and its replayed rows' calls recorded; in reduced
+    precision, HF's own rounding against float64 (end to end, one block at a time, and each module alone on its
+    recorded call) sets ``bounds``."""
+    dtype = pair.dtype
     host = pair.memory == "sequential"
     hf_in = inputs.side("hf")
     context = {"inputs": hf_in}
-    ctx64 = None
-
-    # 1. the reference, stored (and its calls, for the replays)
     _say(progress, "running HF")
     hf = pair.get("hf")
     with torch.no_grad(), (_adapter(hf, "hf", inputs.has_audio) if decoder else contextlib.nullcontext(None)) \
@@ -367,106 +394,122 @@ def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Toleranc
             raise ValueError(f"the HF reference cannot run these inputs: {_first_line(err)}") from None
         reference = _collect(caps, model_rows, "hf", "tensors", host)
         calls = _collect(caps, model_rows, "hf", "args", host)
+        del caps
         if "projector" in reference:
             context["audio"] = reference["projector"][0]
-
-        # 2. HF's own rounding against float64: end to end, and each module alone on its recorded call
         if use64:
-            _say(progress, "running HF in float64 (one block at a time)")
-            bounds.hf_propagated, bounds.hf_introduced = {}, {}
-            seen: dict[str, int] = {}
-
-            def on64(path, t64):
-                name = by_hf[path]
-                k = seen.get(name, 0)
-                seen[name] = k + 1
-                refs = reference.get(name, [])
-                if k < len(refs):
-                    rel = _rel_l2(refs[k].to(t64.device), t64)
-                    bounds.hf_propagated[name] = max(bounds.hf_propagated.get(name, 0.0), rel)
-
-            by_hf = {p.hf: p.name for p in model_rows}
-            with float64_units(hf, FLOAT64_UNITS), _entered(_capture(hf, model_rows, "hf", callback=on64)):
-                run_section("hf", hf, hf_in, upto, torch.float64, compose=True)
-            ctx64 = dict(context, hf=hf)
-            if "audio" in ctx64:
-                ctx64["audio"] = ctx64["audio"].to(pair.device)
-            for name, k, args, kwargs in iter_calls(calls, [p.name for p in replayed]):
-                p = _by_name(run, name)
-                out64 = replay_hf64(REPLAYS[p.kind], hf.get_submodule(p.hf), _to_device(args, pair.device),
-                                    _to_device(kwargs, pair.device), ctx64)
-                rel = _rel_l2(reference[name][k].to(out64.device), out64)
-                bounds.hf_introduced[name] = max(bounds.hf_introduced.get(name, 0.0), rel)
-        # the calls by parameter name (HF's signatures), so the FMS replays need nothing of HF once it is freed
+            _float64_bounds(pair, hf, hf_in, run, model_rows, replayed, upto, reference, calls, context, bounds,
+                            progress)
         bound_calls = {name: [bind(hf.get_submodule(_by_name(run, name).hf), a, k) for a, k in values]
                        for name, values in calls.items()}
-        del calls
-    if pair.memory == "sequential":
-        _say(progress, "freeing HF (one model at a time)")
-        # every local that reaches the HF model goes, or release() frees nothing: the captures hold their model,
-        # the float64 replay context holds it by name
-        caps = ctx64 = hf = None
-        pair.release("hf")
+    return _Reference(tensors=reference, calls=bound_calls, context=context, hf_has=hf_has)
 
-    # 3. FMS: propagated (streamed against the stored reference), then introduced (replays on HF's calls)
-    _say(progress, "building FMS" if pair.fms is None else "running FMS")
-    fms = pair.get("fms")
+
+def _float64_bounds(pair, hf, hf_in, run, model_rows, replayed, upto, reference, calls, context, bounds,
+                    progress) -> None:
+    """Phase 2: HF's own drift from a float64 run at every row (``bounds.hf_propagated``) and the rounding each
+    replayed HF module introduces alone on its recorded call (``bounds.hf_introduced``)."""
+    _say(progress, "running HF in float64 (one block at a time)")
+    bounds.hf_propagated, bounds.hf_introduced = {}, {}
+    seen: dict[str, int] = {}
+    by_hf = {p.hf: p.name for p in model_rows}
+
+    def on64(path, t64):
+        name = by_hf[path]
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        refs = reference.get(name, [])
+        if k < len(refs):
+            rel = _rel_l2(refs[k].to(t64.device), t64)
+            bounds.hf_propagated[name] = max(bounds.hf_propagated.get(name, 0.0), rel)
+
+    with float64_units(hf, FLOAT64_UNITS), _entered(_capture(hf, model_rows, "hf", callback=on64)):
+        run_section("hf", hf, hf_in, upto, torch.float64, compose=True)
+    ctx64 = dict(context, hf=hf)
+    if "audio" in ctx64:
+        ctx64["audio"] = ctx64["audio"].to(pair.device)
+    for name, k, args, kwargs in iter_calls(calls, [p.name for p in replayed]):
+        p = _by_name(run, name)
+        out64 = replay_hf64(REPLAYS[p.kind], hf.get_submodule(p.hf), _to_device(args, pair.device),
+                            _to_device(kwargs, pair.device), ctx64)
+        rel = _rel_l2(reference[name][k].to(out64.device), out64)
+        bounds.hf_introduced[name] = max(bounds.hf_introduced.get(name, 0.0), rel)
+
+
+@dataclasses.dataclass
+class _Streamed:
+    """Phase 3's findings: per row the propagated diffs, shape errors, how many times FMS produced it, and what the
+    FMS model raised (None when it ran through)."""
+
+    diffs: dict
+    errors: dict
+    calls: dict
+    raised: Optional[str] = None
+
+
+def _stream_under_test(fms, inputs, model_rows, ref: _Reference, bounds, upto, dtype, config) -> _Streamed:
+    """Phase 3: the FMS model on its own inputs, each row compared with HF's stored tensor as the FMS module returns
+    it (the PROPAGATED error); nothing of FMS's is kept."""
     by_fms = {p.fms: p for p in model_rows}
-    diffs: dict[str, list[TensorDiff]] = {p.name: [] for p in model_rows}
-    errors: dict[str, str] = {}
-    fms_calls: dict[str, int] = {p.name: 0 for p in model_rows}
+    out = _Streamed(diffs={p.name: [] for p in model_rows}, errors={}, calls={p.name: 0 for p in model_rows})
 
     def on_tensor(path: str, tensor: torch.Tensor) -> None:
         p = by_fms[path]
-        k = fms_calls[p.name]
-        fms_calls[p.name] += 1
-        refs = reference.get(p.name, [])
-        if k >= len(refs) or p.name in errors:
+        k = out.calls[p.name]
+        out.calls[p.name] += 1
+        refs = ref.tensors.get(p.name, [])
+        if k >= len(refs) or p.name in out.errors:
             return
         test = apply_transform(p.transform, tensor, config)
         try:
-            diffs[p.name].append(compare_tensors(test, refs[k].to(test.device), bounds.propagated(p)))
+            out.diffs[p.name].append(compare_tensors(test, refs[k].to(test.device), bounds.propagated(p)))
         except (ValueError, TypeError) as err:
-            errors[p.name] = f"FMS and HF outputs differ in shape: {_first_line(err)}"
+            out.errors[p.name] = f"FMS and HF outputs differ in shape: {_first_line(err)}"
 
-    raised = None
-    with torch.no_grad(), (_adapter(fms, "fms", inputs.has_audio) if decoder else contextlib.nullcontext(None)) \
-            as fms_has:
-        try:
-            with _entered(_capture(fms, model_rows, "fms", callback=on_tensor)):
-                _run_model("fms", fms, inputs.side("fms"), upto, dtype)
-        except _ModelRaised as err:
-            raised = str(err)
-        _say(progress, "replaying FMS modules on HF's inputs")
-        introduced: dict[str, list[TensorDiff]] = {p.name: [] for p in replayed}
-        intro_errors: dict[str, str] = {}
-        for p in replayed:
-            for k, bound in enumerate(bound_calls.get(p.name, [])):
-                if p.name in intro_errors:
-                    break
-                try:
-                    out = replay_fms(REPLAYS[p.kind], fms, fms.get_submodule(p.fms), _to_device(bound, pair.device),
-                                     context)
-                    out = apply_transform(p.transform, out, config)
-                    introduced[p.name].append(compare_tensors(out, reference[p.name][k].to(out.device),
-                                                              bounds.introduced(p)))
-                except (ValueError, TypeError, RuntimeError, IndexError) as err:
-                    intro_errors[p.name] = f"FMS {p.fms or '<model>'} on HF's inputs: {_first_line(err)}"
-    note = _adapter_note(hf_has if decoder else None, fms_has if decoder else None, inputs.has_audio)
-    if note:
-        notes.append(note)
+    try:
+        with _entered(_capture(fms, model_rows, "fms", callback=on_tensor)):
+            _run_model("fms", fms, inputs.side("fms"), upto, dtype)
+    except _ModelRaised as err:
+        out.raised = str(err)
+    return out
 
-    n_ref = {name: len(v) for name, v in reference.items()}
+
+def _replay_under_test(fms, replayed, ref: _Reference, bounds, device, config) -> tuple[dict, dict]:
+    """Phase 4: every replayed FMS module run on HF's exact recorded call, compared with HF's output (the INTRODUCED
+    error). Returns ``(diffs per row, error per row)``."""
+    introduced: dict[str, list[TensorDiff]] = {p.name: [] for p in replayed}
+    errors: dict[str, str] = {}
+    for p in replayed:
+        for k, bound in enumerate(ref.calls.get(p.name, [])):
+            try:
+                out = replay_fms(REPLAYS[p.kind], fms, fms.get_submodule(p.fms), _to_device(bound, device),
+                                 ref.context)
+                out = apply_transform(p.transform, out, config)
+                introduced[p.name].append(compare_tensors(out, ref.tensors[p.name][k].to(out.device),
+                                                          bounds.introduced(p)))
+            except (ValueError, TypeError, RuntimeError, IndexError) as err:
+                errors[p.name] = f"FMS {p.fms or '<model>'} on HF's inputs: {_first_line(err)}"
+                break
+    return introduced, errors
+
+
+def _assemble(run, model_rows, pipelines, ref: _Reference, streamed: _Streamed, introduced, intro_errors,
+              bounds) -> tuple[list[LayerResult], Optional[str]]:
+    """Phase 5: one ``LayerResult`` per row in execution order (its worst call, call-count and shape verdicts, HF's
+    rounding beside it); returns the rows and what the FMS model raised, if it did."""
+    results = dict(pipelines)
+    n_ref = {name: len(v) for name, v in ref.tensors.items()}
+    raised = streamed.raised
     for p in model_rows:
-        ref_n, test_n = n_ref.get(p.name, 0), fms_calls.get(p.name, 0)
-        error = errors.get(p.name)
+        ref_n, test_n = n_ref.get(p.name, 0), streamed.calls.get(p.name, 0)
+        error = streamed.errors.get(p.name)
         if error is None and ref_n != test_n:
             if raised is not None and test_n < ref_n:
                 error = f"not produced by FMS: {raised}"
             else:
                 error = (f"module ran {ref_n} time(s) in HF ({p.hf}) but {test_n} time(s) in FMS "
                          f"({p.fms or '<model>'})")
-        diff = worst_diff(diffs[p.name]) if diffs.get(p.name) else None
+        diff = worst_diff(streamed.diffs[p.name]) if streamed.diffs.get(p.name) else None
         if error is None and diff is None:
             error = "no tensor was produced on either side"
         intro = worst_diff(introduced[p.name]) if p.kind is not None and introduced.get(p.name) else None
@@ -479,9 +522,7 @@ def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Toleranc
         results[p.name] = LayerResult(pair=p, diff=diff, error=error, calls=max(ref_n, test_n), introduced=intro,
                                       introduced_error=intro_errors.get(p.name) if p.kind is not None else None,
                                       hf_rounding=rounding)
-    if raised is not None:
-        notes.append(f"the FMS model raised on its inputs: {raised}")
-    return [results[p.name] for p in run], bounds, notes
+    return [results[p.name] for p in run], raised
 
 
 def _run_model(side: str, model, inputs, upto: str, dtype: torch.dtype) -> None:

@@ -23,7 +23,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from parity._tree import map_tensors
 from parity.capture import first_tensor
+from parity.pathmap import SECTION_MODULES
 
 __all__ = ["REPLAYS", "Replay", "bind", "float64", "float64_units", "iter_calls", "replay_fms", "replay_hf64",
            "run_section", "to_float64", "units"]
@@ -52,31 +54,27 @@ def run_section(side: str, model: nn.Module, inputs, upto: str, dtype: torch.dty
         feats = feats.to(dtype)
     if upto == "features":
         return
-    if side == "hf":
-        if upto == "encoder":
-            model.model.encoder(feats)
-        elif upto == "projector":
-            model.model.projector(model.model.encoder(feats).last_hidden_state)
-        elif not compose:
-            # no cache: a DynamicCache's per-layer state would be guarded by dynamo in compiled modes (one
-            # recompile per decoder layer), and a parity forward never reads it
-            model(input_ids=inputs.input_ids, input_features=feats, input_features_mask=inputs.input_features_mask,
-                  use_cache=False)
-        else:
-            ids = inputs.input_ids
-            if feats is not None:
-                audio = model.model.projector(model.model.encoder(feats).last_hidden_state)
-                embeds = model.model.get_merged_audio_embeddings(ids, audio, inputs.input_features_mask)
-            else:
-                audio_id = model.config.audio_token_id
-                embeds = model.model.language_model.embed_tokens(torch.where(ids == audio_id, 0, ids)).to(dtype)
-            hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-            model.lm_head(hidden)
+    # the module of each section on this side (pathmap.SECTION_MODULES), called as the model's forward calls it
+    part = {name: model.get_submodule(path) for name, path in SECTION_MODULES[side].items()}
+    if upto in ("encoder", "projector"):
+        hidden = part["encoder"](feats)
+        if upto == "projector":
+            part["projector"](_first(hidden))
         return
-    if upto == "encoder":
-        model.encoder(feats)
-    elif upto == "projector":
-        model.projector(_first(model.encoder(feats)))
+    if side == "hf" and compose:
+        ids = inputs.input_ids
+        if feats is not None:
+            audio = part["projector"](_first(part["encoder"](feats)))
+            embeds = model.model.get_merged_audio_embeddings(ids, audio, inputs.input_features_mask)
+        else:
+            audio_id = model.config.audio_token_id
+            embeds = part["decoder"].embed_tokens(torch.where(ids == audio_id, 0, ids)).to(dtype)
+        model.lm_head(part["decoder"](inputs_embeds=embeds, use_cache=False).last_hidden_state)
+    elif side == "hf":
+        # no cache: a DynamicCache's per-layer state would be guarded by dynamo in compiled modes (one recompile per
+        # decoder layer), and a parity forward never reads it
+        model(input_ids=inputs.input_ids, input_features=feats, input_features_mask=inputs.input_features_mask,
+              use_cache=False)
     else:
         model(inputs.input_ids, input_features=feats, input_features_mask=inputs.input_features_mask)
 
@@ -86,13 +84,7 @@ def run_section(side: str, model: nn.Module, inputs, upto: str, dtype: torch.dty
 
 def to_float64(value: Any) -> Any:
     """Every floating tensor in ``value`` (nested tuples, lists, dicts) as float64; everything else unchanged."""
-    if isinstance(value, torch.Tensor):
-        return value.to(torch.float64) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_float64(v) for v in value)
-    if isinstance(value, dict):
-        return {k: to_float64(v) for k, v in value.items()}
-    return value
+    return map_tensors(lambda t: t.to(torch.float64) if t.is_floating_point() else t, value)
 
 
 def _tensors(module: nn.Module, recurse: bool) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
