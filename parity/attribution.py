@@ -17,14 +17,13 @@ end, per row), the scale a tolerance for that dtype is judged against.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
 
-from parity._json import from_json_float, json_float
+from parity._json import JsonResult, from_json_float, json_float
 from parity.capture import Capture
 from parity.metrics import Tolerance, compare_tensors, default_tolerance
 from parity.pathmap import FLOAT64_UNITS, OUTPUT, SECTIONS, LayerPair, expand
@@ -102,7 +101,7 @@ class LayerAttribution:
 
 
 @dataclass
-class AttributionResult:
+class AttributionResult(JsonResult):
     """Per-row propagated and introduced errors of one pair on one input, JSON-serialisable.
 
     Attributes:
@@ -113,6 +112,8 @@ class AttributionResult:
         ``noise_floor_rel_l2`` was measured), provenance, inputs, notes (how each kind of module was called),
         elapsed_s.
     """
+
+    WHAT = "an attribution result"
 
     layers: list[LayerAttribution]
     first_introducing_layer: Optional[str]
@@ -154,19 +155,6 @@ class AttributionResult:
             return cls(**kw)
         except (KeyError, TypeError) as err:
             raise ValueError(f"not an attribution result: a field is missing or malformed ({err})") from None
-
-    def to_json(self, indent: Optional[int] = 2) -> str:
-        """Strict JSON text."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-    @classmethod
-    def from_json(cls, text: str) -> "AttributionResult":
-        """Inverse of ``to_json`` (ValueError on invalid text)."""
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"not an attribution result: invalid JSON ({err})") from err
-
 
 def from_result(result, noise: Optional[dict] = None) -> AttributionResult:
     """The attribution view of a ``ParityResult`` (``noise``: a ``noise_floor`` dict to add)."""

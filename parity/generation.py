@@ -31,7 +31,6 @@ The result is plain data (``to_dict`` / ``from_dict`` / JSON) and ``format_table
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
@@ -39,7 +38,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from tabulate import tabulate
 
-from parity._json import json_safe
+from parity._json import JsonResult, json_safe
 from parity.compare import apply_transform
 from parity.metrics import Tolerance, compare_tensors, default_tolerance
 
@@ -120,8 +119,9 @@ class Divergence:
 
 
 @dataclass
-class GenerationParity:
-    """Everything ``compare_generation`` found; plain data, JSON-serialisable (``to_json`` / ``from_json``).
+class GenerationParity(JsonResult):
+    """Everything ``compare_generation`` found; plain data, JSON-serialisable (``to_json`` / ``from_json``, from
+    ``parity._json.JsonResult``).
 
     Attributes:
         batch_size, prompt_length (tokens per row as given), max_new_tokens.
@@ -143,6 +143,8 @@ class GenerationParity:
         first_divergent_layer: where a layer-by-layer ``run_parity`` of the prompt's forward first diverges, when the
             generation check failed on the FMS model (``check_generation`` runs it); None when not run or none.
     """
+
+    WHAT = "a generation result"
 
     batch_size: int
     prompt_length: int
@@ -228,10 +230,6 @@ class GenerationParity:
         out["distinct_tokens"] = self.distinct_tokens
         return json_safe(out)
 
-    def to_json(self, indent: Optional[int] = 2) -> str:
-        """``to_dict`` as strict JSON text (non-finite floats are written as the strings ``"nan"``/``"inf"``)."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GenerationParity":
         """Inverse of ``to_dict`` (derived fields ``verdict`` / ``passed`` are recomputed)."""
@@ -242,15 +240,6 @@ class GenerationParity:
         kw["divergence"] = None if d is None else Divergence(
             **{**d, "hf_margin": float(d["hf_margin"]), "fms_margin": float(d["fms_margin"])})
         return cls(**kw)
-
-    @classmethod
-    def from_json(cls, text: str) -> "GenerationParity":
-        """Inverse of ``to_json``.
-
-        Raises:
-            json.JSONDecodeError (a ValueError): not JSON. KeyError / TypeError: JSON that is not a saved result.
-        """
-        return cls.from_dict(json.loads(text))
 
 
 # -- the comparison --------------------------------------------------------------------------------------------------

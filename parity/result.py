@@ -9,11 +9,11 @@ bounds, the run's peak memory and the command that reproduces it; version-1 file
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from parity._json import JsonResult
 from parity.metrics import TensorDiff
 from parity.pathmap import LayerPair
 
@@ -141,7 +141,7 @@ class LayerResult:
 
 
 @dataclass
-class ParityResult:
+class ParityResult(JsonResult):
     """Everything one parity run found, JSON-serialisable (``to_json`` / ``from_json``).
 
     Attributes:
@@ -172,6 +172,10 @@ class ParityResult:
             ``max_memory_allocated`` since the run started).
         command: the ``parity diff`` command line that repeats this run.
     """
+
+    @classmethod
+    def _not_json(cls, err: Exception) -> ValueError:
+        return not_a_result(f"invalid JSON: {err}")
 
     layers: list[LayerResult]
     requested: list[str]
@@ -261,16 +265,3 @@ class ParityResult:
             return cls(**kw)
         except TypeError as err:
             raise not_a_result(f"a field is malformed ({err})") from None
-
-    def to_json(self, indent: Optional[int] = 2) -> str:
-        """JSON text (strict: non-finite floats are stored as the strings "nan"/"inf")."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ParityResult":
-        """Inverse of ``to_json``. Raises ValueError on text that is not a parity result."""
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise not_a_result(f"invalid JSON: {err}") from None
-        return cls.from_dict(data)
