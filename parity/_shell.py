@@ -62,9 +62,25 @@ def interruptible(prog: str, command: Callable[[], int], unchanged: str = "") ->
     try:
         with _sigterm_raises():
             return command()
-    except KeyboardInterrupt:
+    except BaseException as err:  # noqa: BLE001 -- anything else is re-raised unchanged
+        cause = _interrupt_in(err)
+        if cause is None:
+            raise
+        if isinstance(cause, Terminated):
+            print(f"{prog}: terminated{unchanged}", file=sys.stderr)
+            return EXIT_TERMINATED
         print(f"{prog}: interrupted{unchanged}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Terminated:
-        print(f"{prog}: terminated{unchanged}", file=sys.stderr)
-        return EXIT_TERMINATED
+
+
+def _interrupt_in(err: BaseException):
+    """The ``KeyboardInterrupt`` / ``Terminated`` that ``err`` is, or that caused it: a library that catches the
+    interrupt and raises its own error from it (transformers' lazy imports turn one into "Could not import module
+    ...") is still an interrupt. None when there is none in the chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (KeyboardInterrupt, Terminated)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -131,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", default=None, choices=("tp",),
                    help="tp: shard the FMS model with FMS tensor parallelism; run under torchrun --nproc-per-node N "
                         "(HF whole on every rank; rank 0 prints and writes the report)")
+    p.add_argument("--explain", action="append", default=None, metavar="LAYER",
+                   help="say why LAYER (and its sub-rows) diverges: the attribute that differs between the HF and FMS "
+                        "modules, the aten op that introduces the error (the first divergent layer is always "
+                        "explained; repeatable)")
     p.add_argument("--attribute", action="store_true", help="also print the attribution table (propagated vs "
                                                             "introduced per row; always in the report JSON)")
     p.add_argument("--report-dir", default=None, metavar="DIR", help="where the report goes (default: parity-report/)")
@@ -334,7 +338,7 @@ def _check_diff(args) -> list[str]:
     found: list[str] = []
     counts = _counts(args, found)
     if counts is not None:
-        for name in args.layer or []:
+        for name in (args.layer or []) + (args.explain or []):
             try:
                 resolve(name, counts)
             except UnknownLayerError as err:
@@ -353,6 +357,8 @@ def _check_diff(args) -> list[str]:
     _check_out(args.json, "--json", found)
     if args.mode != "eager" and args.memory == "sequential":
         found.append("--mode compiled/drift holds both models; drop --memory sequential")
+    if args.explain and args.mode != "eager":
+        found.append("--explain replays modules on HF's recorded inputs, which --mode eager does; drop --mode")
     if args.compile_scope != "regional" and args.mode == "eager":
         found.append(f"--compile {args.compile_scope} compiles the FMS model: add --mode compiled (or --mode drift)")
     if args.distributed and not all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
@@ -419,7 +425,8 @@ def _run_diff(args, argv, cases, progress) -> int:
             if layers is None and not inputs.has_audio:
                 layers = ["input_ids", "decoder"]
             result = run_parity(pair, inputs, layers=layers, mode=args.mode, compile_backend=args.compile_backend,
-                                reference=args.reference, compile_scope=args.compile_scope, progress=progress)
+                                reference=args.reference, compile_scope=args.compile_scope, explain=args.explain,
+                                progress=progress)
             result.command = _reproduce(argv if name is None or len(cases) == 1 else
                                         _with_case(argv, name), torch.get_num_threads())
             if not runs and pair.memory == "together":  # the first run paid for building both: its elapsed says so

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
+import inspect
 import json
 import math
 import platform
@@ -340,7 +341,7 @@ class _Reference:
 
 
 def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Tolerance], use64: bool,
-           progress: Progress) -> tuple[list[LayerResult], _Bounds, list[str]]:
+           progress: Progress, explain: Sequence[str] = ()) -> tuple[list[LayerResult], _Bounds, list[str]]:
     """Eager mode in its phases: the pipelines, the reference (HF, stored), HF's float64 bounds, HF freed when one
     model at a time, the model under test streamed against the reference, its modules replayed on HF's calls, and
     the rows assembled."""
@@ -364,14 +365,46 @@ def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Toleranc
         streamed = _stream_under_test(fms, inputs, model_rows, ref, bounds, upto, pair.dtype, pair.config)
         _say(progress, "replaying FMS modules on HF's inputs")
         introduced, intro_errors = _replay_under_test(fms, replayed, ref, bounds, pair.device, pair.config)
+        rows, raised = _assemble(run, model_rows, pipelines, ref, streamed, introduced, intro_errors, bounds)
+        _explain(pair, fms, rows, ref, explain, progress)
     notes = []
     note = _adapter_note(ref.hf_has if decoder else None, fms_has if decoder else None, inputs.has_audio)
     if note:
         notes.append(note)
-    rows, raised = _assemble(run, model_rows, pipelines, ref, streamed, introduced, intro_errors, bounds)
     if raised is not None:
         notes.append(f"the FMS model raised on its inputs: {raised}")
     return rows, bounds, notes
+
+
+def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Sequence[str], progress) -> None:
+    """Phase 6: ``parity.explain.explain_row`` for the first model row that fails and every row named in
+    ``explain`` (exact names, or a prefix: ``encoder.blocks.3`` explains that block and its sub-rows), stored on the
+    rows (``LayerResult.explanation``). Attributes need the HF module, so one model at a time explains ops only."""
+    from parity.explain import explain_row
+    from parity.metrics import REDUCED_PRECISION
+
+    first = next((r for r in rows if not r.passed and r.pair.tensor != PIPELINE), None)
+    wanted = [r for r in rows if r.pair.tensor != PIPELINE and (r is first or any(
+        r.name == n or r.name.startswith(n + ".") for n in explain))]
+    if wanted:
+        _say(progress, f"explaining {', '.join(r.name for r in wanted[:3])}{' ...' if len(wanted) > 3 else ''}")
+    for r in wanted:
+        p = r.pair
+        hf_module = None if pair.hf is None else pair.hf.get_submodule(p.hf)
+        fms_module = fms.get_submodule(p.fms)
+        calls = ref.calls.get(p.name) or []
+        run = hf_run = None
+        if p.kind is not None and calls:
+            def run(p=p, fms_module=fms_module, call=calls[0]):
+                return replay_fms(REPLAYS[p.kind], fms, fms_module, _to_device(call, pair.device), ref.context)
+            if hf_module is not None:
+                def hf_run(hf_module=hf_module, call=calls[0]):
+                    bound = inspect.BoundArguments(inspect.signature(hf_module.forward), _to_device(call, pair.device))
+                    return hf_module(*bound.args, **bound.kwargs)
+        exp = explain_row(p.name, hf_module, fms_module, run, reduced=pair.dtype in REDUCED_PRECISION, hf_run=hf_run)
+        if hf_module is None:
+            exp.note = "attributes not compared: HF was freed (one model at a time); --memory together compares them"
+        r.explanation = exp.to_dict()
 
 
 def _run_reference(pair, inputs, run, model_rows, replayed, upto, decoder, bounds, use64, progress) -> _Reference:
@@ -700,7 +733,8 @@ def _compiled_modes(pair, inputs, run, sections, upto, mode, backend, bounds, pr
 
 def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol: Optional[Tolerance] = None,
                mode: str = "eager", compile_backend: str = "inductor", *, reference: str = "auto",
-               compile_scope: str = "regional", progress: Progress = None) -> ParityResult:
+               compile_scope: str = "regional", explain: Union[None, str, Sequence[str]] = None,
+               progress: Progress = None) -> ParityResult:
     """Compare ``pair``'s FMS model with its HF reference layer by layer on ``inputs``.
 
     Args:
@@ -717,6 +751,8 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
             ``pieces`` (the FMS model as ``compile_model(model)`` returns it: encoder, projector and decoder compiled
             apart) or ``whole`` (as ``compile_model(model, whole=True)`` returns it: the shipped whole-forward graph
             with its static-shape audio merge); HF is compiled regionally in ``compiled`` mode.
+        explain: eager mode: parity names (or prefixes) to explain (``parity.explain``: the attribute that differs,
+            the op that introduces the error); the first divergent model row is always explained.
         reference: reduced precision only: ``auto`` / ``float64`` (bounds from HF's own rounding against a float64
             run, computed one block at a time) or ``flat`` (the per-dtype tolerance).
         progress: ``progress(message)`` is called as each phase starts (the CLI prints them to stderr).
@@ -760,7 +796,8 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
     use64 = reduced and mode == "eager" and reference != "flat" and tol is None
     hf_drift: list[LayerResult] = []
     if mode == "eager":
-        results, bounds, notes = _eager(pair, inputs, run, upto, tol, use64, progress)
+        results, bounds, notes = _eager(pair, inputs, run, upto, tol, use64, progress,
+                                        [explain] if isinstance(explain, str) else list(explain or ()))
     else:
         bounds = _Bounds(dtype=pair.dtype, tol=tol)
         results, hf_drift, notes = _compiled_modes(pair, inputs, run, sections, upto, mode, compile_backend,

@@ -177,6 +177,10 @@ def summary_lines(result: ParityResult) -> list[str]:
         where = "introduced here" if first.introduces else "its own computation passes; the error reaches it"
         lines.append(f"first divergent layer (over {ran} layers compared in {', '.join(result.sections)}): "
                      f"{first.name} ({where}) -- {first.reason}")
+    for r in result.layers:
+        if r.explanation:
+            lines.append(f"why {r.name}: {r.explanation.get('text')}"
+                         + (f" ({r.explanation['note']})" if r.explanation.get("note") else ""))
     if result.reference == "float64":
         lines.append("bounds: from HF's own rounding against a float64 run (reduced precision)")
     elif result.reference == "flat":

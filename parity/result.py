@@ -64,6 +64,7 @@ class LayerResult:
     introduced: Optional[TensorDiff] = None
     introduced_error: Optional[str] = None
     hf_rounding: Optional[dict] = None
+    explanation: Optional[dict] = None
 
     @property
     def name(self) -> str:
@@ -116,7 +117,8 @@ class LayerResult:
         return {"pair": self.pair.to_dict(), "diff": None if self.diff is None else self.diff.to_dict(),
                 "error": self.error, "calls": self.calls,
                 "introduced": None if self.introduced is None else self.introduced.to_dict(),
-                "introduced_error": self.introduced_error, "hf_rounding": self.hf_rounding}
+                "introduced_error": self.introduced_error, "hf_rounding": self.hf_rounding,
+                "explanation": self.explanation}
 
     @classmethod
     def from_dict(cls, data: dict) -> "LayerResult":
@@ -135,7 +137,8 @@ class LayerResult:
                        diff=None if diff is None else TensorDiff.from_dict(diff),
                        error=data.get("error"), calls=int(data.get("calls", 1)),
                        introduced=None if intro is None else TensorDiff.from_dict(intro),
-                       introduced_error=data.get("introduced_error"), hf_rounding=data.get("hf_rounding"))
+                       introduced_error=data.get("introduced_error"), hf_rounding=data.get("hf_rounding"),
+                       explanation=data.get("explanation"))
         except (KeyError, TypeError, ValueError) as err:
             raise not_a_result(f"layer {data['pair']['name']!r} is malformed: {err}") from None
 

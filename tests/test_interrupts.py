@@ -48,3 +48,24 @@ def test_an_interrupted_diff_leaves_everything_as_it_was(earlier_report, tmp_pat
     assert list(tmp.iterdir()) == []  # no temporary weights, no staging folder
     leftovers = [p.name for p in earlier_report.parent.iterdir() if p.name != earlier_report.name]
     assert leftovers == []
+
+
+def test_an_interrupt_a_library_rewraps_is_still_an_interrupt(capsys):
+    """transformers' lazy imports turn a Ctrl-C during an import into ModuleNotFoundError("Could not import module
+    ..."): the interrupt in the exception's chain decides, not the wrapper's type."""
+    from parity._shell import Terminated, interruptible
+
+    def rewrapped(cause):
+        def command():
+            try:
+                raise cause
+            except BaseException as err:
+                raise ModuleNotFoundError("Could not import module 'PreTrainedModel'") from err
+        return command
+
+    assert interruptible("parity diff", rewrapped(KeyboardInterrupt())) == 130
+    assert interruptible("parity diff", rewrapped(Terminated())) == 143
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["parity diff: interrupted", "parity diff: terminated"]
+    with pytest.raises(ModuleNotFoundError):  # a real import failure is not an interrupt
+        interruptible("parity diff", rewrapped(ImportError("no such module")))

@@ -1,0 +1,116 @@
+"""The reason, not just the layer: planted porting bugs are explained as the attribute that differs (with both values)
+or the kernel / precision the FMS module uses that HF's does not, at the first divergent layer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from parity.cli import main
+from parity.compare import run_parity
+from parity.inputs import build_inputs
+from parity.pair import build_pair
+from parity.result import ParityResult
+
+
+def _explained(plant, dtype="float32", layers=None):
+    pair = build_pair("tiny", dtype=dtype)
+    plant(pair.fms)
+    result = run_parity(pair, build_inputs(pair), layers=layers)
+    first = result.first_failure()
+    assert first is not None and first.introduces, result.first_divergent
+    assert first.explanation is not None
+    return result, first
+
+
+def _ln_eps(m):
+    m.encoder.blocks[3].ff1.ln.eps = 1e-2
+
+
+def _conv_padding(m):
+    conv = m.encoder.blocks[2].conv
+    conv.padding = (conv.padding[0] + 1, conv.padding[1] - 1)
+
+
+def _bn_eps(m):
+    m.encoder.blocks[1].conv.batch_norm.eps = 1e-1
+
+
+def _no_bias(m):
+    m.encoder.blocks[4].ff2.mlp.w2.bias = None
+
+
+@pytest.mark.parametrize("plant, layer, words", [
+    (_ln_eps, "encoder.blocks.3.ff1", "encoder.blocks.3.ff1.ln: eps 1e-05 on HF (pre_norm), 0.01 on FMS (ln)"),
+    (_conv_padding, "encoder.blocks.2.conv", "encoder.blocks.2.conv: padding (7, 7) on HF (depth_conv), (8, 6) on FMS"),
+    (_bn_eps, "encoder.blocks.1.conv", "batch_norm: eps 1e-05 on HF (batch_norm), 0.1 on FMS (batch_norm)"),
+    (_no_bias, "encoder.blocks.4.ff2", "mlp.w2: bias present True on HF (down_proj), False on FMS (mlp.w2)"),
+], ids=["layernorm_eps", "conv_padding", "batchnorm_eps", "missing_bias"])
+def test_an_attribute_bug_is_named_with_both_values(plant, layer, words):
+    result, first = _explained(plant, layers=["encoder"])
+    assert first.name == layer
+    assert words in first.explanation["text"], first.explanation["text"]
+    assert len(first.explanation["attributes"]) == 1  # that attribute, and nothing else of the row
+    # the reason travels with the result: JSON and the summary the terminal and the report print
+    again = ParityResult.from_json(result.to_json()).layer(layer)
+    assert again.explanation == first.explanation
+    from parity.report import summary_lines
+
+    assert any(line.startswith(f"why {layer}: ") and words in line for line in summary_lines(result))
+
+
+def test_a_fused_attention_kernel_in_bf16_is_named_at_the_op():
+    def fused(m):
+        m.encoder.blocks[0].attn.math_sdpa = False
+
+    _, first = _explained(fused, dtype="bfloat16", layers=["encoder.blocks.0"])
+    assert first.name == "encoder.blocks.0.attn"
+    text = first.explanation["text"]
+    assert text.startswith("FMS runs aten._scaled_dot_product_flash_attention_for_cpu in bfloat16, which HF's module "
+                           "does not"), text
+    assert "_safe_softmax in float32" in text or "_softmax in float32" in text  # what HF computes instead
+
+
+def test_a_normalisation_computed_in_half_precision_is_named_at_the_op():
+    def half(m):
+        m.decoder.base_model.layers[1].ff_ln.use_high_precision_pow = False
+
+    _, first = _explained(half, dtype="bfloat16", layers=["decoder"])
+    assert first.name == "decoder.layers.1.mlp_norm"
+    text = first.explanation["text"]
+    assert "FMS computes aten.pow in bfloat16 where HF's module computes it in float32" in text, text
+    ops = first.explanation["ops"]
+    assert ops and ops[0]["dtype"] == "bfloat16" and 0 < ops[0]["share"] <= 1
+
+
+def test_the_honest_tree_has_nothing_to_explain_unless_asked(pair):
+    result = run_parity(pair, build_inputs(pair), layers=["encoder.blocks.0"])
+    assert result.passed and all(r.explanation is None for r in result.layers)
+    asked = run_parity(pair, build_inputs(pair), layers=["encoder.blocks.0"], explain=["encoder.blocks.0.conv"])
+    exp = asked.layer("encoder.blocks.0.conv").explanation
+    assert exp["attributes"] == [] and exp["text"].startswith("no attribute or kernel differs")
+    assert exp["ops"] and exp["ops"][0]["rel_l2"] < 1e-6  # float32 rounding, op by op
+
+
+def test_parity_diff_explain_prints_the_reason(tmp_path, capsys, monkeypatch):
+    import fms_granite_speech.conformer as conformer
+
+    real = conformer.BatchNorm1d.__init__
+
+    def planted(self, num_features, **kwargs):
+        real(self, num_features, **kwargs)
+        self.eps = 1e-1
+
+    monkeypatch.setattr(conformer.BatchNorm1d, "__init__", planted)
+    assert main(["diff", "--layer", "encoder.blocks.0", "--report-dir", str(tmp_path), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "why encoder.blocks.0.conv: encoder.blocks.0.conv.batch_norm: eps 1e-05 on HF" in out, out
+    assert "why encoder.blocks.0.conv" in (tmp_path / "parity-report.md").read_text()
+    report = json.loads((tmp_path / "parity-report.json").read_text())
+    assert any(r["explanation"] for r in report["layers"])
+
+
+def test_explain_needs_a_layer_that_exists(capsys):
+    assert main(["diff", "--explain", "encoder.blocks.99"]) == 2
+    assert "encoder.blocks.99" in capsys.readouterr().err
