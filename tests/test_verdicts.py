@@ -106,6 +106,7 @@ def test_a_token_count_bug_in_the_projector_is_a_verdict_naming_the_projector(mo
     assert "first divergent layer" in out and "projector" in out
 
 
+@pytest.mark.slow  # five runs of five cases: about 26 s on 2 cores (the slower tier)
 def test_a_window_multiple_bug_fails_every_time_at_the_projector(pair, monkeypatch):
     monkeypatch.setattr(projector_module, "split_windows", extra_window_on_exact_multiples)
     cases = ["speech_b1", "window_minus_1", "window", "window_x2", "common_multiple"]
@@ -122,6 +123,7 @@ def test_a_window_multiple_bug_fails_every_time_at_the_projector(pair, monkeypat
         assert first[case] is not None and first[case].startswith("projector"), (case, first[case])
 
 
+@pytest.mark.slow  # five repeated runs: about 26 s on 2 cores (the slower tier)
 def test_a_batch_item_1_bug_fails_every_time_at_the_merge(pair, monkeypatch):
     monkeypatch.setattr(model_module.GraniteSpeech, "merge_audio_embeddings", merge_first_item_only)
     verdicts = [evaluate(run_cases(pair, ["speech_b1", "batch_short_first", "batch_short_last"]),
@@ -132,6 +134,7 @@ def test_a_batch_item_1_bug_fails_every_time_at_the_merge(pair, monkeypatch):
     assert first["batch_short_first"] == first["batch_short_last"] == "decoder.merged_embeddings"
 
 
+@pytest.mark.slow  # five repeated runs: about 20 s on 2 cores (the slower tier)
 def test_the_honest_tree_gets_the_same_verdict_every_time(pair):
     runs = [evaluate(run_cases(pair, list(CASES)), load_thresholds()) for _ in range(2)]
     assert all(r.passed for r in runs)
@@ -294,6 +297,7 @@ def test_parity_check_fails_on_both_planted_bugs_and_names_their_layers(tmp_path
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+@pytest.mark.slow  # pytest subprocesses: about 24 s on 2 cores (the slower tier)
 def test_selecting_the_gpu_suite_without_cuda_fails_the_run():
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "parity/", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
