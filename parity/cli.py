@@ -9,7 +9,7 @@
     parity generate [--variant tiny | --checkpoint DIR] [--audio PATH ...] [--text-only] [--max-new-tokens N]
                     [--static [--compile]] [--unfused] ...
     parity compile-report [--variant tiny] [--seed N] [--audio PATH]
-    parity recheck REPORT.json [--atol X] [--rtol X] [--max-rel-l2 X] [--min-cosine X] [--layer NAME] [--report-dir D]
+    parity recheck REPORT.json|ACTIVATIONS_DIR [--atol X] [--rtol X] [--max-rel-l2 X] [--min-cosine X] [--layer NAME] [--report-dir D]
     parity check [--out DIR] [-n WORKERS] [--thresholds JSON] [--update-baseline] [--quiet]
     parity report RESULT.json [--out DIR]
 
@@ -140,6 +140,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", default=None, metavar="DIR", help="where the report goes (default: parity-report/)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result JSON to PATH, or to stdout "
                                                                 "with `-` (the table is then not printed)")
+    p.add_argument("--save-activations", default=None, metavar="DIR",
+                   help="write every compared tensor of both sides and the replayed modules' recorded inputs to DIR "
+                        "(safetensors + activations.json); `parity recheck DIR` re-judges them without models")
+    p.add_argument("--save-layers", action="append", default=None, metavar="NAME",
+                   help="with --save-activations: keep these rows (and their sub-rows) only (repeatable; default: the "
+                        "--layer rows, else every row)")
+    p.add_argument("--save-max-mib", type=float, default=512.0, metavar="MIB",
+                   help="with --save-activations: the most MiB kept (default 512); rows past it are named")
 
     p = sub.add_parser("generate", help="greedy generation on both models: first differing token, per-step logits")
     p.add_argument("--audio", action="append", default=None, metavar="PATH",
@@ -355,6 +363,21 @@ def _check_diff(args) -> list[str]:
     _check_common(args, found)
     _check_out(args.report_dir, "--report-dir", found)
     _check_out(args.json, "--json", found)
+    _check_out(args.save_activations, "--save-activations", found)
+    if args.save_activations and args.mode != "eager":
+        found.append("--save-activations keeps the tensors of an eager run; drop --mode")
+    if args.save_activations and cases and len(cases) > 1:
+        found.append("--save-activations keeps one run's tensors; give one case (or no --cases)")
+    if args.save_max_mib <= 0:
+        found.append(f"--save-max-mib must be > 0, got {args.save_max_mib:g}")
+    if (args.save_layers or args.save_max_mib != 512.0) and not args.save_activations:
+        found.append("--save-layers / --save-max-mib go with --save-activations DIR")
+    if counts is not None:
+        for name in args.save_layers or []:
+            try:
+                resolve(name, counts)
+            except UnknownLayerError as err:
+                found.append(str(err))
     if args.mode != "eager" and args.memory == "sequential":
         found.append("--mode compiled/drift holds both models; drop --memory sequential")
     if args.explain and args.mode != "eager":
@@ -424,9 +447,22 @@ def _run_diff(args, argv, cases, progress) -> int:
             layers = args.layer
             if layers is None and not inputs.has_audio:
                 layers = ["input_ids", "decoder"]
+            store = None
+            if args.save_activations:
+                from parity.activations import ActivationStore
+
+                store = ActivationStore(args.save_layers or args.layer, int(args.save_max_mib * 2**20))
             result = run_parity(pair, inputs, layers=layers, mode=args.mode, compile_backend=args.compile_backend,
                                 reference=args.reference, compile_scope=args.compile_scope, explain=args.explain,
-                                progress=progress)
+                                activations=store, progress=progress)
+            if store is not None:
+                store.save(args.save_activations, float(pair.config.decoder.logits_scaling),
+                           _reproduce(argv, torch.get_num_threads()))
+                result.notes.append(f"activations: {len(store.tensors)} tensors, {store.bytes / 2**20:.1f} MiB, in "
+                                    f"{args.save_activations}" + (
+                                        f"; the {args.save_max_mib:g} MiB cap was reached: rows not (wholly) saved: "
+                                        f"{', '.join(store.cut[:5])}{' ...' if len(store.cut) > 5 else ''} (raise "
+                                        "--save-max-mib or narrow --save-layers)" if store.cut else ""))
             result.command = _reproduce(argv if name is None or len(cases) == 1 else
                                         _with_case(argv, name), torch.get_num_threads())
             if not runs and pair.memory == "together":  # the first run paid for building both: its elapsed says so
@@ -597,8 +633,13 @@ def _cmd_compile_report(args, argv) -> int:
 def _cmd_recheck(args, argv) -> int:
     found: list[str] = []
     path = Path(args.report)
+    from parity.activations import INDEX, is_activation_folder
+
+    if path.is_dir() and is_activation_folder(path):
+        return _recheck_activations(args, path)
     if not path.is_file():
-        found.append(f"report not found: {path}" if not path.exists() else f"{path} is a folder, not a report JSON")
+        found.append(f"report not found: {path}" if not path.exists() else
+                     f"{path} is a folder without {INDEX}: give a report JSON or a --save-activations folder")
     for flag in ("atol", "rtol", "max_rel_l2", "min_cosine"):
         value = getattr(args, flag)
         if value is not None and not (value >= 0 or flag == "min_cosine"):
@@ -648,6 +689,44 @@ def _cmd_recheck(args, argv) -> int:
     # like ParityResult.passed (diff's exit code): in drift mode HF's own drift counts as well
     rows = [r for r in new.layers + new.hf_drift if r.name in shown]
     return EXIT_PASS if rows and all(r.passed for r in rows) else EXIT_FAIL
+
+
+def _recheck_activations(args, path: Path) -> int:
+    """``parity recheck DIR`` on a ``--save-activations`` folder: every saved row recomputed from its tensors and
+    judged against the run's bounds with the flags applied; no model is built."""
+    found: list[str] = []
+    for flag in ("atol", "rtol", "max_rel_l2", "min_cosine"):
+        value = getattr(args, flag)
+        if value is not None and not (value >= 0 or flag == "min_cosine"):
+            found.append(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    _problems(found)
+    from tabulate import tabulate
+
+    from parity.activations import recheck_activations
+
+    overrides = {k: getattr(args, k) for k in ("atol", "rtol", "max_rel_l2", "min_cosine") if getattr(args, k) is not None}
+    try:
+        rows = recheck_activations(path, overrides, args.layer)
+    except ValueError as err:
+        raise _UsageError(_first_line(err)) from None
+    if not rows:
+        raise _UsageError(f"none of {args.layer} was saved in {path}")
+    table = [(name, "-" if d is None else f"{d.rel_l2:.3e}", "-" if d is None else f"{d.max_abs:.3e}",
+              "-" if d is None else f"{d.cosine:.9f}", "-" if d is None else f"{d.tolerance.max_rel_l2:.1e}",
+              note or ("pass" if d.passed else "FAIL")) for name, d, note in rows]
+    print(f"parity recheck {path}: {len(rows)} rows recomputed from the saved tensors"
+          + (f", bounds overridden: {overrides}" if overrides else ", the run's bounds"))
+    print(tabulate(table, headers=("layer", "rel-L2", "max abs", "cosine", "max rel-L2", "verdict"),
+                   disable_numparse=True))
+    judged = [(name, d) for name, d, _ in rows if d is not None]
+    failed = [name for name, d in judged if not d.passed]
+    if not judged:
+        raise _UsageError(f"no row of {path} has both sides saved (the size cap cut them); save again with a larger "
+                          "--save-max-mib or fewer --save-layers")
+    print(f"first failing row: {failed[0] if failed else 'none'} ({len(judged) - len(failed)}/{len(judged)} rows "
+          f"with saved tensors pass" + (f"; {len(rows) - len(judged)} not saved" if len(judged) < len(rows) else "")
+          + ")")
+    return EXIT_FAIL if failed else EXIT_PASS
 
 
 # -- check / report ---------------------------------------------------------------------------------------------------

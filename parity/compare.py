@@ -341,7 +341,8 @@ class _Reference:
 
 
 def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Tolerance], use64: bool,
-           progress: Progress, explain: Sequence[str] = ()) -> tuple[list[LayerResult], _Bounds, list[str]]:
+           progress: Progress, explain: Sequence[str] = (), activations=None
+           ) -> tuple[list[LayerResult], _Bounds, list[str]]:
     """Eager mode in its phases: the pipelines, the reference (HF, stored), HF's float64 bounds, HF freed when one
     model at a time, the model under test streamed against the reference, its modules replayed on HF's calls, and
     the rows assembled."""
@@ -353,6 +354,8 @@ def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Toleranc
         return [pipelines[p.name] for p in run], bounds, []
     decoder = upto == "decoder"
     ref = _run_reference(pair, inputs, run, model_rows, replayed, upto, decoder, bounds, use64, progress)
+    if activations is not None:
+        _keep_reference(activations, ref, model_rows, bounds)
     if pair.memory == "sequential":
         _say(progress, "freeing HF (one model at a time)")
         # every local that reaches the HF model goes, or release() frees nothing: the captures hold their model,
@@ -362,7 +365,8 @@ def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Toleranc
     fms = pair.get("fms")
     with torch.no_grad(), (_adapter(fms, "fms", inputs.has_audio) if decoder else contextlib.nullcontext(None)) \
             as fms_has:
-        streamed = _stream_under_test(fms, inputs, model_rows, ref, bounds, upto, pair.dtype, pair.config)
+        streamed = _stream_under_test(fms, inputs, model_rows, ref, bounds, upto, pair.dtype, pair.config,
+                                      activations)
         _say(progress, "replaying FMS modules on HF's inputs")
         introduced, intro_errors = _replay_under_test(fms, replayed, ref, bounds, pair.device, pair.config)
         rows, raised = _assemble(run, model_rows, pipelines, ref, streamed, introduced, intro_errors, bounds)
@@ -480,7 +484,19 @@ class _Streamed:
     raised: Optional[str] = None
 
 
-def _stream_under_test(fms, inputs, model_rows, ref: _Reference, bounds, upto, dtype, config) -> _Streamed:
+def _keep_reference(store, ref: "_Reference", model_rows, bounds) -> None:
+    """``--save-activations``: HF's tensors, the replayed rows' recorded calls, each row's transform and bound."""
+    for p in model_rows:
+        store.add_row(p.name, p.transform, bounds.propagated(p).to_dict())
+        for k, t in enumerate(ref.tensors.get(p.name, [])):
+            store.add(p.name, "hf", k, t)
+        for k, bound in enumerate(ref.calls.get(p.name, [])):
+            for arg, value in bound.items():
+                store.add(p.name, "call", k, value, arg)
+
+
+def _stream_under_test(fms, inputs, model_rows, ref: _Reference, bounds, upto, dtype, config,
+                       activations=None) -> _Streamed:
     """Phase 3: the FMS model on its own inputs, each row compared with HF's stored tensor as the FMS module returns
     it (the PROPAGATED error); nothing of FMS's is kept."""
     by_fms = {p.fms: p for p in model_rows}
@@ -490,6 +506,8 @@ def _stream_under_test(fms, inputs, model_rows, ref: _Reference, bounds, upto, d
         p = by_fms[path]
         k = out.calls[p.name]
         out.calls[p.name] += 1
+        if activations is not None:
+            activations.add(p.name, "fms", k, tensor)
         refs = ref.tensors.get(p.name, [])
         if k >= len(refs) or p.name in out.errors:
             return
@@ -734,7 +752,7 @@ def _compiled_modes(pair, inputs, run, sections, upto, mode, backend, bounds, pr
 def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol: Optional[Tolerance] = None,
                mode: str = "eager", compile_backend: str = "inductor", *, reference: str = "auto",
                compile_scope: str = "regional", explain: Union[None, str, Sequence[str]] = None,
-               progress: Progress = None) -> ParityResult:
+               activations=None, progress: Progress = None) -> ParityResult:
     """Compare ``pair``'s FMS model with its HF reference layer by layer on ``inputs``.
 
     Args:
@@ -751,6 +769,8 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
             ``pieces`` (the FMS model as ``compile_model(model)`` returns it: encoder, projector and decoder compiled
             apart) or ``whole`` (as ``compile_model(model, whole=True)`` returns it: the shipped whole-forward graph
             with its static-shape audio merge); HF is compiled regionally in ``compiled`` mode.
+        activations: eager mode: a ``parity.activations.ActivationStore`` that keeps every compared tensor of both
+            sides and the replayed rows' recorded calls (``--save-activations``; the caller saves it).
         explain: eager mode: parity names (or prefixes) to explain (``parity.explain``: the attribute that differs,
             the op that introduces the error); the first divergent model row is always explained.
         reference: reduced precision only: ``auto`` / ``float64`` (bounds from HF's own rounding against a float64
@@ -776,6 +796,8 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
         raise ValueError(f"reference={reference!r}; use one of {', '.join(REFERENCES)}")
     if compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"compile_scope={compile_scope!r}; use one of {', '.join(COMPILE_SCOPES)}")
+    if activations is not None and mode != "eager":
+        raise ValueError("saving activations needs mode='eager' (compiled modes compare stored captures only)")
     if compile_scope != "regional" and mode == "eager":
         raise ValueError(f"compile_scope={compile_scope!r} compiles the FMS model: use it with mode='compiled' or "
                          "'drift'")
@@ -797,7 +819,7 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
     hf_drift: list[LayerResult] = []
     if mode == "eager":
         results, bounds, notes = _eager(pair, inputs, run, upto, tol, use64, progress,
-                                        [explain] if isinstance(explain, str) else list(explain or ()))
+                                        [explain] if isinstance(explain, str) else list(explain or ()), activations)
     else:
         bounds = _Bounds(dtype=pair.dtype, tol=tol)
         results, hf_drift, notes = _compiled_modes(pair, inputs, run, sections, upto, mode, compile_backend,
