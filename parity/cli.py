@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Layer-by-layer parity of the FMS Granite Speech model against the HF transformers reference.",
     )
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{map,diff,generate,compile-report,recheck,check,report}")
+                                metavar="{map,diff,repro,generate,compile-report,recheck,check,report}")
 
     p = sub.add_parser("map", help="print the HF <-> FMS module-path map")
     p.add_argument("--variant", default=None, help="config whose layer counts fill the map (default: tiny)")
@@ -140,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", default=None, metavar="DIR", help="where the report goes (default: parity-report/)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result JSON to PATH, or to stdout "
                                                                 "with `-` (the table is then not printed)")
+    p.add_argument("--repro", default=None, metavar="DIR",
+                   help="write a standalone repro of the first divergent layer to DIR (parity repro LAYER does it for "
+                        "any row)")
     p.add_argument("--save-activations", default=None, metavar="DIR",
                    help="write every compared tensor of both sides and the replayed modules' recorded inputs to DIR "
                         "(safetensors + activations.json); `parity recheck DIR` re-judges them without models")
@@ -148,6 +151,15 @@ def _parser() -> argparse.ArgumentParser:
                         "--layer rows, else every row)")
     p.add_argument("--save-max-mib", type=float, default=512.0, metavar="MIB",
                    help="with --save-activations: the most MiB kept (default 512); rows past it are named")
+
+    p = sub.add_parser("repro", help="write a standalone repro of one row: both modules, their weights, HF's "
+                                     "recorded inputs and a script that compares them (exit 1 when they diverge)")
+    p.add_argument("layer", metavar="LAYER", help="parity row, e.g. encoder.blocks.3, projector.layers.0, "
+                                                   "decoder.layers.1.attn, logits")
+    p.add_argument("--out", default=None, metavar="DIR", help="the folder to write (default: repro-LAYER/)")
+    p.add_argument("--audio", action="append", default=None, metavar="PATH", help="16 kHz mono audio file")
+    p.add_argument("--prompt", default=None, help="prompt with one <|audio|> per clip")
+    _add_weights(p)
 
     p = sub.add_parser("generate", help="greedy generation on both models: first differing token, per-step logits")
     p.add_argument("--audio", action="append", default=None, metavar="PATH",
@@ -208,7 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed its message (or --help)
         return int(exc.code or 0)
-    commands = {"map": _cmd_map, "diff": _cmd_diff, "generate": _cmd_generate, "recheck": _cmd_recheck,
+    commands = {"map": _cmd_map, "diff": _cmd_diff, "repro": _cmd_repro, "generate": _cmd_generate,
+                "recheck": _cmd_recheck,
                 "check": _cmd_check, "report": _cmd_report, "compile-report": _cmd_compile_report}
     try:
         return interruptible(f"parity {args.command}", lambda: commands[args.command](args, argv),
@@ -364,6 +377,10 @@ def _check_diff(args) -> list[str]:
     _check_out(args.report_dir, "--report-dir", found)
     _check_out(args.json, "--json", found)
     _check_out(args.save_activations, "--save-activations", found)
+    _check_out(args.repro, "--repro", found)
+    if args.repro and (args.mode != "eager" or args.distributed or (cases and len(cases) > 1)):
+        found.append("--repro writes one eager run's first divergent layer: drop --mode / --distributed, give one "
+                     "case")
     if args.save_activations and args.mode != "eager":
         found.append("--save-activations keeps the tensors of an eager run; drop --mode")
     if args.save_activations and cases and len(cases) > 1:
@@ -455,6 +472,16 @@ def _run_diff(args, argv, cases, progress) -> int:
             result = run_parity(pair, inputs, layers=layers, mode=args.mode, compile_backend=args.compile_backend,
                                 reference=args.reference, compile_scope=args.compile_scope, explain=args.explain,
                                 activations=store, progress=progress)
+            first = result.first_failure()
+            if args.repro and first is not None and first.pair.tensor != "pipeline":
+                from parity.repro import write_repro
+
+                try:
+                    write_repro(pair, inputs, first.name, args.repro,
+                                None if first.diff is None else first.diff.tolerance.to_dict())
+                    result.notes.append(f"repro of {first.name}: {args.repro} (python {args.repro}/repro.py)")
+                except ValueError as err:
+                    result.notes.append(f"no repro of {first.name}: {_first_line(err)}")
             if store is not None:
                 store.save(args.save_activations, float(pair.config.decoder.logits_scaling),
                            _reproduce(argv, torch.get_num_threads()))
@@ -542,6 +569,44 @@ def _suite_json(runs) -> str:
     import json
 
     return json.dumps({"results": {name: r.to_dict() for name, r in runs}}, indent=1, allow_nan=False)
+
+
+# -- repro ----------------------------------------------------------------------------------------------------------
+
+
+def _cmd_repro(args, argv) -> int:
+    found: list[str] = []
+    counts = _counts(args, found)
+    from parity.pathmap import UnknownLayerError, resolve
+
+    if counts is not None:
+        try:
+            if not any(p.name == args.layer for p in resolve(args.layer, counts)):
+                found.append(f"{args.layer} names a group of rows; give one row (parity map --expand lists them)")
+        except UnknownLayerError as err:
+            found.append(str(err))
+    _check_audio(args.audio, found)
+    _check_common(args, found)
+    out = args.out or f"repro-{args.layer}"
+    _check_out(out, "--out", found)
+    _problems(found)
+    import torch
+
+    from parity.inputs import build_inputs
+    from parity.pair import build_pair
+    from parity.repro import write_repro
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        pair = build_pair(variant=args.variant or "tiny", checkpoint=args.checkpoint, seed=args.seed, dtype=args.dtype,
+                          device=args.device, memory="together", fused_weights=not args.unfused)
+        inputs = build_inputs(pair, audio=args.audio, prompt=args.prompt, same_inputs=True)
+        folder = write_repro(pair, inputs, args.layer, out)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise _UsageError(_first_line(err)) from None
+    print(f"repro of {args.layer}: {folder} (run: python {folder}/repro.py; exit 1 when the modules diverge)")
+    return EXIT_PASS
 
 
 # -- generate -------------------------------------------------------------------------------------------------------
