@@ -23,6 +23,8 @@ Profiles: ``ci`` (few examples, derandomized, no example database: the same exam
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import os
 from typing import Optional, Sequence, Union
 
@@ -167,6 +169,56 @@ def check_parity(pair, audio_batch: Sequence[Union[AudioClip, torch.Tensor]],
     if first is not None or not result.passed:
         shown = first or next(r for r in result.requested_results() if not r.passed)
         sizes = ", ".join(f"{w.numel()} samples/{encoder_frames(w.numel())} frames" for w in waves)
-        raise AssertionError(f"first divergent layer: {shown.name} -- {shown.reason} (batch of {len(waves)}: "
-                             f"{sizes})")
+        handover = hand_over(pair, waves, inputs, shown.name, layers, audio_batch)
+        raise AssertionError(f"first divergent layer: {shown.name} -- {shown.reason} (batch of {len(waves)}, in "
+                             f"this order: {sizes})\n{handover}")
     return result
+
+
+def hand_over(pair, waves: Sequence[torch.Tensor], inputs, layer: str, layers=None, described=()) -> str:
+    """What a fuzz failure leaves a porter: its clips as WAV files (float32, the exact samples), one ``parity diff``
+    command that reproduces it alone, and the standalone repro folder of its first divergent layer
+    (``parity.repro``), in ``$PARITY_FUZZ_DIR`` or one temporary folder per process (each failure overwrites the
+    last, so after hypothesis shrinks, the folder holds the minimal case). Returns the lines to print."""
+    import os
+    import shlex
+    import tempfile
+
+    import soundfile
+
+    global _FOLDER
+    folder = Path(os.environ.get("PARITY_FUZZ_DIR") or _FOLDER or tempfile.mkdtemp(prefix="parity-fuzz-"))
+    _FOLDER = str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("clip_*.wav"):
+        old.unlink()
+    paths = []
+    for k, wave in enumerate(waves):
+        path = folder / f"clip_{k}.wav"
+        soundfile.write(str(path), wave.detach().cpu().float().numpy(), SAMPLING_RATE, subtype="FLOAT")
+        paths.append(str(path))
+    words = ["parity", "diff"]
+    for path in paths:
+        words += ["--audio", path]
+    if pair.checkpoint:
+        words += ["--checkpoint", pair.checkpoint]
+    else:
+        words += ["--variant", pair.variant or "tiny", "--seed", str(pair.seed)]
+    words += ["--dtype", str(pair.dtype).removeprefix("torch.")]
+    for name in ([layers] if isinstance(layers, str) else list(layers or [])):
+        words += ["--layer", name]
+    lines = ["clips: " + "; ".join(f"{p} ({w.numel()} samples, {encoder_frames(w.numel())} encoder frames"
+                                     + (f", {described[k]}" if k < len(described) else "") + ")"
+                                     for k, (p, w) in enumerate(zip(paths, waves))),
+             "reproduce alone: " + shlex.join(words)]
+    try:
+        from parity.repro import write_repro
+
+        repro = write_repro(pair, inputs, layer, folder / "repro")
+        lines.append(f"standalone repro of {layer}: {repro} (python {repro}/repro.py)")
+    except (ValueError, RuntimeError, OSError) as err:
+        lines.append(f"no standalone repro of {layer}: {str(err).splitlines()[0] if str(err) else err}")
+    return "\n".join(lines)
+
+
+_FOLDER = None

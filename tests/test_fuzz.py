@@ -3,7 +3,11 @@ shrunk to the shortest failing clip, and named by its projector layer."""
 
 from __future__ import annotations
 
+import json
+import shlex
+
 import pytest
+import soundfile
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +17,7 @@ from fms_granite_speech.config import get_config
 from fms_granite_speech.features import load_wav, shipped_audio
 from parity.fuzz import (MIN_SAMPLES, AudioClip, audio_batches, check_parity, edge_frame_counts, encoder_frames,
                          fuzz_settings, make_waveform, samples_for_frames)
+from parity.cli import main
 from parity.pair import build_inputs
 
 TINY = get_config("tiny")
@@ -60,8 +65,9 @@ def _pad_with_ones(x, window_size):
 
 
 @pytest.mark.slow  # shrinking runs the pair a few hundred times: about 2 minutes on 2 cores
-def test_planted_length_dependent_bug_is_found_shrunk_and_named(pair, monkeypatch):
+def test_planted_length_dependent_bug_is_found_shrunk_and_named(pair, monkeypatch, tmp_path):
     monkeypatch.setattr(projector_module, "split_windows", _pad_with_ones)
+    monkeypatch.setenv("PARITY_FUZZ_DIR", str(tmp_path / "fuzz"))
     w = TINY.projector.window_size
     # the bug is length dependent: a clip of exactly two windows passes, one frame more fails
     check_parity(pair, [AudioClip("fox", 0, samples_for_frames(2 * w))], layers="projector")
@@ -85,3 +91,14 @@ def test_planted_length_dependent_bug_is_found_shrunk_and_named(pair, monkeypatc
     assert encoder_frames(shrunk[0].samples) == smallest_failing
     assert shrunk[0].samples == MIN_SAMPLES
     assert "first divergent layer: projector.layers.0.cross_attn" in str(err.value)
+    # the hand-over: the shrunk clip as a WAV file and one command that, run alone, fails at the same layer
+    message = str(err.value)
+    command = next(line for line in message.splitlines() if line.startswith("reproduce alone: "))
+    argv = shlex.split(command.removeprefix("reproduce alone: "))[2:]  # after "parity diff"
+    wav = argv[argv.index("--audio") + 1]
+    assert soundfile.info(wav).frames == MIN_SAMPLES
+    assert "standalone repro of projector.layers.0.cross_attn" in message
+    report = tmp_path / "report"
+    assert main(["diff", *argv, "--report-dir", str(report), "--quiet"]) == 1
+    assert json.loads((report / "parity-report.json").read_text())["first_divergent"] == \
+        "projector.layers.0.cross_attn"
