@@ -370,7 +370,9 @@ def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Toleranc
         _say(progress, "replaying FMS modules on HF's inputs")
         introduced, intro_errors = _replay_under_test(fms, replayed, ref, bounds, pair.device, pair.config)
         rows, raised = _assemble(run, model_rows, pipelines, ref, streamed, introduced, intro_errors, bounds)
-        _explain(pair, fms, rows, ref, explain, progress)
+        with (_adapter(pair.hf, "hf", inputs.has_audio) if decoder and pair.hf is not None
+              else contextlib.nullcontext(None)):  # HF's module as it ran: its LoRA adapter in the run's state
+            _explain(pair, fms, rows, ref, explain, progress)
     notes = []
     note = _adapter_note(ref.hf_has if decoder else None, fms_has if decoder else None, inputs.has_audio)
     if note:
