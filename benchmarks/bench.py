@@ -35,7 +35,8 @@ Quantities (one table row each, per clip):
 
 Ratio columns, of medians (below 1: FMS is faster): ``fms/hf`` and ``static/hf`` eager, the same compiled, and
 ``compiled static/eager fms`` (the compiled static-cache step against FMS's eager path). A last pair of rows gives
-the parity engine's cost: ``parity.compare.run_parity`` over every layer against two plain forwards (``--no-parity``
+the parity engine's cost: ``parity.compare.run_parity`` over every layer against two plain forwards, and its cost by phase
+(``ParityResult.phase_s``: pipelines, reference, float64 bounds, the model under test, replay, assemble) (``--no-parity``
 skips it). Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA, n/a on CPU.
 
 Outputs: the table on stdout (``tabulate``), and with ``--out`` ``bench.md`` and ``bench.json`` (device, CPU threads,
@@ -364,7 +365,10 @@ def measure_parity(pair, inputs, clip_s: float, device: torch.device, args) -> l
                         args.repeats, min(args.warmup, 1))
     res = box["r"]
     plain_ms, parity_ms = statistics.median(times["plain"]), statistics.median(times["parity"])
-    return [
+    phases = [{"kind": "parity_phase", "name": f"parity phase: {name}", "clip_s": clip_s, "median_ms": 1000 * sec,
+               "min_ms": 1000 * sec, "note": f"last timed run; x{1000 * sec / plain_ms:.2f} of 2 plain forwards"}
+              for name, sec in res.phase_s.items()]
+    return phases + [
         {"kind": "parity", "name": "parity run_parity (all layers)", "clip_s": clip_s, "median_ms": parity_ms,
          "min_ms": min(times["parity"]), "layers": len(res.layers), "passed": bool(res.passed),
          "note": f"{len(res.layers)} layers, {'pass' if res.passed else 'FAIL'}; x{parity_ms / plain_ms:.2f} of 2 "

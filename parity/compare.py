@@ -341,7 +341,7 @@ class _Reference:
 
 
 def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Tolerance], use64: bool,
-           progress: Progress, explain: Sequence[str] = (), activations=None
+           progress: Progress, explain: Sequence[str] = (), activations=None, phases: Optional[dict] = None
            ) -> tuple[list[LayerResult], _Bounds, list[str]]:
     """Eager mode in its phases: the pipelines, the reference (HF, stored), HF's float64 bounds, HF freed when one
     model at a time, the model under test streamed against the reference, its modules replayed on HF's calls, and
@@ -349,11 +349,13 @@ def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Toleranc
     model_rows = [p for p in run if p.tensor != PIPELINE]
     replayed = [p for p in model_rows if p.kind is not None]
     bounds = _Bounds(dtype=pair.dtype, tol=tol)
+    clock = _PhaseClock(phases)
     pipelines = {r.name: r for r in _pipelines(run, inputs)}
+    clock("pipelines")
     if not model_rows:
         return [pipelines[p.name] for p in run], bounds, []
     decoder = upto == "decoder"
-    ref = _run_reference(pair, inputs, run, model_rows, replayed, upto, decoder, bounds, use64, progress)
+    ref = _run_reference(pair, inputs, run, model_rows, replayed, upto, decoder, bounds, use64, progress, clock)
     if activations is not None:
         _keep_reference(activations, ref, model_rows, bounds)
     if pair.memory == "sequential":
@@ -365,14 +367,19 @@ def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Toleranc
     fms = pair.get("fms")
     with torch.no_grad(), (_adapter(fms, "fms", inputs.has_audio) if decoder else contextlib.nullcontext(None)) \
             as fms_has:
+        clock("building the model under test")
         streamed = _stream_under_test(fms, inputs, model_rows, ref, bounds, upto, pair.dtype, pair.config,
                                       activations)
+        clock("model under test")
         _say(progress, "replaying FMS modules on HF's inputs")
         introduced, intro_errors = _replay_under_test(fms, replayed, ref, bounds, pair.device, pair.config)
+        clock("replay")
         rows, raised = _assemble(run, model_rows, pipelines, ref, streamed, introduced, intro_errors, bounds)
+        clock("assemble")
         with (_adapter(pair.hf, "hf", inputs.has_audio) if decoder and pair.hf is not None
               else contextlib.nullcontext(None)):  # HF's module as it ran: its LoRA adapter in the run's state
             _explain(pair, fms, rows, ref, explain, progress)
+        clock("explain")
     notes = []
     note = _adapter_note(ref.hf_has if decoder else None, fms_has if decoder else None, inputs.has_audio)
     if note:
@@ -413,7 +420,21 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
         r.explanation = exp.to_dict()
 
 
-def _run_reference(pair, inputs, run, model_rows, replayed, upto, decoder, bounds, use64, progress) -> _Reference:
+class _PhaseClock:
+    """``clock(name)`` adds the seconds since the last call to ``phases[name]`` (the run's cost by phase)."""
+
+    def __init__(self, phases: Optional[dict]):
+        self.phases = phases if phases is not None else {}
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(self.phases.get(name, 0.0) + now - self.last, 4)
+        self.last = now
+
+
+def _run_reference(pair, inputs, run, model_rows, replayed, upto, decoder, bounds, use64, progress,
+                   clock=None) -> _Reference:
     """Phase 1 (and 2): HF with storing captures on every row and its replayed rows' calls recorded; in reduced
     precision, HF's own rounding against float64 (end to end, one block at a time, and each module alone on its
     recorded call) sets ``bounds``."""
@@ -436,9 +457,13 @@ def _run_reference(pair, inputs, run, model_rows, replayed, upto, decoder, bound
         del caps
         if "projector" in reference:
             context["audio"] = reference["projector"][0]
+        if clock is not None:
+            clock("reference")
         if use64:
             _float64_bounds(pair, hf, hf_in, run, model_rows, replayed, upto, reference, calls, context, bounds,
                             progress)
+            if clock is not None:
+                clock("float64 bounds")
         bound_calls = {name: [bind(hf.get_submodule(_by_name(run, name).hf), a, k) for a, k in values]
                        for name, values in calls.items()}
     return _Reference(tensors=reference, calls=bound_calls, context=context, hf_has=hf_has)
@@ -819,9 +844,11 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
     reduced = pair.dtype in REDUCED_PRECISION
     use64 = reduced and mode == "eager" and reference != "flat" and tol is None
     hf_drift: list[LayerResult] = []
+    phases: dict = {}
     if mode == "eager":
         results, bounds, notes = _eager(pair, inputs, run, upto, tol, use64, progress,
-                                        [explain] if isinstance(explain, str) else list(explain or ()), activations)
+                                        [explain] if isinstance(explain, str) else list(explain or ()), activations,
+                                        phases)
     else:
         bounds = _Bounds(dtype=pair.dtype, tol=tol)
         results, hf_drift, notes = _compiled_modes(pair, inputs, run, sections, upto, mode, compile_backend,
@@ -863,6 +890,7 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
         reference=None if not reduced or tol is not None else ("float64" if use64 else "flat"),
         memory=pair.memory,
         peak_memory=_peak_memory(pair.device),
+        phase_s=phases,
     )
 
 

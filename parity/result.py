@@ -174,6 +174,8 @@ class ParityResult(JsonResult):
         peak_memory: the run's peak memory: ``{"host_rss_gib": ..., "cuda_gib": ...}`` (process peak RSS; CUDA
             ``max_memory_allocated`` since the run started).
         command: the ``parity diff`` command line that repeats this run.
+        phase_s: eager mode: seconds per phase of the run (pipelines, reference, float64 bounds, building the model
+            under test, model under test, replay, assemble, explain).
     """
 
     @classmethod
@@ -201,6 +203,7 @@ class ParityResult(JsonResult):
     memory: Optional[str] = None
     peak_memory: dict = field(default_factory=dict)
     command: Optional[str] = None
+    phase_s: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
