@@ -396,7 +396,10 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
     from parity.explain import explain_row
     from parity.metrics import REDUCED_PRECISION
 
-    first = next((r for r in rows if not r.passed and r.pair.tensor != PIPELINE), None)
+    # the row that introduces the first error (its own computation fails on HF's exact input), else the first that
+    # fails at all: a row that only inherits an error has nothing of its own to explain
+    failing = [r for r in rows if not r.passed and r.pair.tensor != PIPELINE]
+    first = next((r for r in failing if r.introduces), failing[0] if failing else None)
     wanted = [r for r in rows if r.pair.tensor != PIPELINE and (r is first or any(
         r.name == n or r.name.startswith(n + ".") for n in explain))]
     if wanted:

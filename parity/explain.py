@@ -37,7 +37,8 @@ __all__ = ["AttributeDiff", "Explanation", "OpError", "attribute_diffs", "explai
            "op_errors"]
 
 # attribute names that mean the same thing on either side -> one name
-ALIASES = {"variance_epsilon": "eps", "epsilon": "eps", "layer_norm_eps": "eps", "norm_eps": "eps"}
+ALIASES = {"variance_epsilon": "eps", "epsilon": "eps", "layer_norm_eps": "eps", "norm_eps": "eps",
+           "scaling": "scale", "scale_factor": "scale"}
 _SIMPLE = (bool, int, float, str)
 _IGNORED = {"training", "inplace", "dump_patches", "call_super_init"}
 
@@ -157,13 +158,24 @@ def attribute_diffs(hf: nn.Module, fms: nn.Module) -> list[AttributeDiff]:
         for path, module in root.named_modules():
             if _is_leaf(module):
                 continue
-            for key, value in _config(module).items():
-                found.setdefault(key, []).append((path, value))
+            attrs = _config(module)
+            # a module that keeps its settings in a config object (FMS blocks: self.config) -> those fields too
+            cfg = getattr(module, "config", None)
+            fields = getattr(cfg, "__dataclass_fields__", None)
+            if fields:
+                for name in fields:
+                    value = getattr(cfg, name, None)
+                    if isinstance(value, _SIMPLE) and ALIASES.get(name, name) not in attrs:
+                        attrs[ALIASES.get(name, name)] = value
+            for key, value in attrs.items():
+                where = path if key in _config(module) else (f"{path}.config" if path else "config")
+                found.setdefault(key, []).append((where, value))
         return found
 
     hw, fw = wrappers(hf), wrappers(fms)
     for key in sorted(set(hw) & set(fw)):
-        if len(hw[key]) == 1 and len(fw[key]) == 1:
+        hvals, fvals = {repr(v) for _, v in hw[key]}, {repr(v) for _, v in fw[key]}
+        if len(hvals) == 1 and len(fvals) == 1:  # one value per side (repeated, e.g. by a config, is one value)
             (hpath, hv), (fpath, fv) = hw[key][0], fw[key][0]
             if hv != fv and not _close(hv, fv) and (hpath, fpath, key) not in seen:
                 diffs.append(AttributeDiff(key, hv, fv, hpath, fpath))

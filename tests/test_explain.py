@@ -114,3 +114,22 @@ def test_parity_diff_explain_prints_the_reason(tmp_path, capsys, monkeypatch):
 def test_explain_needs_a_layer_that_exists(capsys):
     assert main(["diff", "--explain", "encoder.blocks.99"]) == 2
     assert "encoder.blocks.99" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("plant, layer, words", [
+    (lambda m: setattr(m.decoder.base_model.layers[0].config, "residual_multiplier", 0.5), "decoder.layers.0",
+     "decoder.layers.0.config: residual_multiplier 0.22 on HF (the row module), 0.5 on FMS (config)"),
+    (lambda m: setattr(m.decoder.base_model.layers[0].attn, "scale_factor", 0.5), "decoder.layers.0.attn",
+     "scale 0.07"),
+    (lambda m: setattr(m.encoder.blocks[5].conv.depthwise, "dilation", (2,)), "encoder.blocks.5.conv",
+     "depthwise: dilation (1,) on HF (depth_conv.conv), (2,) on FMS (depthwise)"),
+    (lambda m: setattr(m.encoder.blocks[6].ff1.mlp, "a", __import__("torch").nn.GELU()), "encoder.blocks.6.ff1",
+     "activation 'SiLU' on HF (silu), 'GELU' on FMS (mlp.a)"),
+], ids=["residual_multiplier", "attention_scale", "conv_dilation", "activation"])
+def test_other_planted_settings_are_explained_at_the_row_that_introduces_them(plant, layer, words):
+    pair = build_pair("tiny")
+    plant(pair.fms)
+    result = run_parity(pair, build_inputs(pair), layers=["encoder"] if layer.startswith("encoder") else ["decoder"])
+    explained = {r.name: r.explanation["text"] for r in result.layers if r.explanation}
+    assert layer in explained and result.layer(layer).introduces, (result.first_divergent, explained)
+    assert words in explained[layer], explained[layer]
