@@ -90,4 +90,8 @@ def test_fusion_from_a_checkpoint_of_either_layout(reference, tmp_path, source_l
     assert _decoder_layout(loaded.state_dict()) == ("unfused" if target is False else "fused")
     ids = torch.randint(0, loaded.config.decoder.src_vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(loaded(ids), reference(ids))  # the same weights whatever the two layouts
+        got, want = loaded(ids), reference(ids)
+    if target is False:  # separate q/k/v and gate/up GEMMs: the same weights, another accumulation order
+        torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)  # torch's own float32 defaults
+    else:  # the fused layout the reference has: the very same tensors
+        assert torch.equal(got, want)
