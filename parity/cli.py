@@ -705,10 +705,7 @@ def _cmd_recheck(args, argv) -> int:
     if not path.is_file():
         found.append(f"report not found: {path}" if not path.exists() else
                      f"{path} is a folder without {INDEX}: give a report JSON or a --save-activations folder")
-    for flag in ("atol", "rtol", "max_rel_l2", "min_cosine"):
-        value = getattr(args, flag)
-        if value is not None and not (value >= 0 or flag == "min_cosine"):
-            found.append(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    _check_tolerance_flags(args, found)
     _check_out(args.report_dir, "--report-dir", found)
     _problems(found)
 
@@ -756,14 +753,19 @@ def _cmd_recheck(args, argv) -> int:
     return EXIT_PASS if rows and all(r.passed for r in rows) else EXIT_FAIL
 
 
-def _recheck_activations(args, path: Path) -> int:
-    """``parity recheck DIR`` on a ``--save-activations`` folder: every saved row recomputed from its tensors and
-    judged against the run's bounds with the flags applied; no model is built."""
-    found: list[str] = []
+def _check_tolerance_flags(args, found: list[str]) -> None:
+    """recheck's --atol / --rtol / --max-rel-l2 must be >= 0 (--min-cosine may be negative)."""
     for flag in ("atol", "rtol", "max_rel_l2", "min_cosine"):
         value = getattr(args, flag)
         if value is not None and not (value >= 0 or flag == "min_cosine"):
             found.append(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+
+
+def _recheck_activations(args, path: Path) -> int:
+    """``parity recheck DIR`` on a ``--save-activations`` folder: every saved row recomputed from its tensors and
+    judged against the run's bounds with the flags applied; no model is built."""
+    found: list[str] = []
+    _check_tolerance_flags(args, found)
     _problems(found)
     from tabulate import tabulate
 

@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from parity._tree import map_tensors
 
 __all__ = ["AttributeDiff", "Explanation", "OpError", "attribute_diffs", "explain_row", "kernel_differences",
-           "op_errors"]
+           "op_errors", "record"]
 
 # attribute names that mean the same thing on either side -> one name
 ALIASES = {"variance_epsilon": "eps", "epsilon": "eps", "layer_norm_eps": "eps", "norm_eps": "eps",
@@ -158,7 +158,8 @@ def attribute_diffs(hf: nn.Module, fms: nn.Module) -> list[AttributeDiff]:
         for path, module in root.named_modules():
             if _is_leaf(module):
                 continue
-            attrs = _config(module)
+            own = _config(module)
+            attrs = dict(own)
             # a module that keeps its settings in a config object (FMS blocks: self.config) -> those fields too
             cfg = getattr(module, "config", None)
             fields = getattr(cfg, "__dataclass_fields__", None)
@@ -168,7 +169,7 @@ def attribute_diffs(hf: nn.Module, fms: nn.Module) -> list[AttributeDiff]:
                     if isinstance(value, _SIMPLE) and ALIASES.get(name, name) not in attrs:
                         attrs[ALIASES.get(name, name)] = value
             for key, value in attrs.items():
-                where = path if key in _config(module) else (f"{path}.config" if path else "config")
+                where = path if key in own else (f"{path}.config" if path else "config")
                 found.setdefault(key, []).append((where, value))
         return found
 
@@ -238,16 +239,29 @@ def _as64(value: Any) -> Any:
     return out
 
 
-def op_errors(run, top: int = 5) -> list[OpError]:
-    """The ops of ``run()`` (a call of the FMS module on HF's inputs) ranked by the rounding each introduces: its
-    output against the same op on float64 copies of its inputs (view and metadata ops excluded; an op float64 cannot
-    run is skipped). ``share`` is an op's rel-L2 over the sum over all ops."""
+def record(run) -> list:
+    """The aten ops of ``run()``: ``[(op, (args, kwargs) cloned before it ran, output)]``, in order."""
     recorder = _Recorder()
     with torch.no_grad(), recorder:
         run()
+    return recorder.ops
+
+
+def _recorded(run_or_ops) -> list:
+    return run_or_ops if isinstance(run_or_ops, list) else record(run_or_ops)
+
+
+def _op_name(func) -> str:
+    return str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
+
+
+def op_errors(run, top: int = 5) -> list[OpError]:
+    """The ops of ``run()`` (a call of the FMS module on HF's inputs; or ops ``record`` already took) ranked by the
+    rounding each introduces: its output against the same op on float64 copies of its inputs (view and metadata ops
+    excluded; an op float64 cannot run is skipped). ``share`` is an op's rel-L2 over the sum over all ops."""
     errors = []
     with torch.no_grad():
-        for k, (func, (args, kwargs), out) in enumerate(recorder.ops):
+        for k, (func, (args, kwargs), out) in enumerate(_recorded(run)):
             got = _first_float(out)
             if got is None or got.numel() == 0 or getattr(func, "is_view", False):
                 continue
@@ -263,8 +277,7 @@ def op_errors(run, top: int = 5) -> list[OpError]:
             rel = float((got.to(torch.float64) - want).norm()) / denom if denom > 0 else 0.0
             if not math.isfinite(rel):
                 continue
-            errors.append((k, str(func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else func),
-                           str(got.dtype).removeprefix("torch."), list(got.shape), rel))
+            errors.append((k, _op_name(func), str(got.dtype).removeprefix("torch."), list(got.shape), rel))
     total = sum(e[4] for e in errors) or 1.0
     ranked = sorted(errors, key=lambda e: -e[4])[:top]
     return [OpError(index=k, op=op, dtype=dt, shape=shape, rel_l2=rel, share=rel / total)
@@ -277,14 +290,12 @@ _NOT_COMPUTE = {"_to_copy", "copy_", "clone", "empty", "empty_like", "zeros", "z
 
 
 def _kinds(run) -> dict:
-    """``{(op, dtype): count}`` of the computing aten ops of ``run()`` (views, copies and allocations left out)."""
-    recorder = _Recorder()
-    with torch.no_grad(), recorder:
-        run()
+    """``{(op, dtype): count}`` of the computing aten ops of ``run()`` (or of recorded ops; views, copies and
+    allocations left out)."""
     out: dict = {}
-    for func, _, value in recorder.ops:
+    for func, _, value in _recorded(run):
         got = _first_float(value)
-        name = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
+        name = _op_name(func)
         name = name[:-1] if name.endswith("_") and not name.endswith("__") else name  # in-place = its out-of-place op
         if got is None or getattr(func, "is_view", False) or name in _NOT_COMPUTE:
             continue
@@ -329,9 +340,10 @@ def explain_row(layer: str, hf_module: Optional[nn.Module], fms_module: nn.Modul
     kernels: list = []
     if run is not None:
         try:
-            exp.ops = op_errors(run)
+            ops = record(run)  # once: ranked by rounding, and compared with HF's kinds of op
+            exp.ops = op_errors(ops)
             if hf_run is not None and reduced:  # in float32 a different kernel is a layout choice, not the cause
-                kernels = kernel_differences(hf_run, run)
+                kernels = kernel_differences(hf_run, ops)
         except (RuntimeError, TypeError, ValueError) as err:
             exp.note = f"op attribution failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     exp.kernels = kernels

@@ -39,7 +39,7 @@ import torch
 from tabulate import tabulate
 
 from parity._json import JsonResult, json_safe
-from parity.compare import apply_transform
+from parity.compare import _first_line, apply_transform
 from parity.metrics import Tolerance, compare_tensors, default_tolerance
 
 __all__ = [
@@ -400,11 +400,6 @@ def compare_generation(
         divergence=divergence, steps=steps, tolerance=tol.to_dict(), eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, notes=notes, engine=engine, fms_error=fms_error,
     )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _fms_generator(engine: str, model, input_ids, features, features_mask, attention_mask, max_new_tokens: int,

@@ -50,8 +50,9 @@ def _merged_hf_state(module: nn.Module) -> dict:
     lora = {}
     for name, sub in module.named_modules():
         if hasattr(sub, "get_delta_weight") and hasattr(sub, "base_layer") and getattr(sub, "active_adapters", None):
-            delta = sum(sub.get_delta_weight(a) for a in sub.active_adapters if a in getattr(sub, "lora_A", {}))
-            lora[name] = delta
+            deltas = [sub.get_delta_weight(a) for a in sub.active_adapters if a in getattr(sub, "lora_A", {})]
+            if deltas:
+                lora[name] = sum(deltas)
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         if ".lora_" in name or name.startswith("lora_"):
             continue
@@ -59,7 +60,7 @@ def _merged_hf_state(module: nn.Module) -> dict:
         owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else (
             "" if name.startswith("base_layer.") else None)
         value = t.detach()
-        if owner is not None and clean.endswith("weight") and owner in lora and not isinstance(lora[owner], int):
+        if owner is not None and clean.endswith("weight") and owner in lora:
             value = value + lora[owner].to(value.dtype)
         out[clean] = value.contiguous().clone()
     return out
