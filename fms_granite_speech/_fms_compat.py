@@ -25,6 +25,8 @@ __all__ = [
     "FMS_VERSION",
     "SUPPORTED_FMS_VERSIONS",
     "adapter",
+    "hf_architectures",
+    "hf_config_params",
     "key_neighbors",
     "register_hf_config",
     "registered_step",
@@ -79,3 +81,26 @@ def register_hf_config(hf_architecture: str, fms_architecture: str, param_builde
     from fms.models.hf.config_utils import _FMS_MODEL_CONFIG_REGISTRY
 
     _FMS_MODEL_CONFIG_REGISTRY.register_model_arch_info(hf_architecture, fms_architecture, param_builder)
+
+
+def hf_config_params(hf_config: Any) -> dict:
+    """FMS's ``get_model`` keyword arguments for a transformers config (``architecture``, ``variant`` and the model's
+    fields), as ``get_model("hf_pretrained", ...)`` derives them, through FMS's HF-config registry; ``model_path`` is
+    left out.
+
+    Raises:
+        KeyError: the config's ``architectures[0]`` is not in FMS's registry (FMS's own message);
+        ValueError: the config names no architecture.
+    """
+    from fms.models.hf.config_utils import _FMS_MODEL_CONFIG_REGISTRY
+
+    params = dict(_FMS_MODEL_CONFIG_REGISTRY.hf_config_to_fms_config_params(hf_config, model_path=None))
+    params.pop("model_path", None)
+    return params
+
+
+def hf_architectures() -> dict[str, str]:
+    """transformers ``architectures`` entry -> FMS architecture, as FMS's HF-config registry maps them."""
+    from fms.models.hf.config_utils import _FMS_MODEL_CONFIG_REGISTRY
+
+    return dict(_FMS_MODEL_CONFIG_REGISTRY.model_arch_mappings)

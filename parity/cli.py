@@ -1,6 +1,8 @@
 """``parity``: the command line over the parity library; thin shells, with torch imported only to build a model.
 
     parity map [--variant tiny | --checkpoint DIR] [--expand]
+    parity map --architecture NAME [--unfused]
+    parity diff --architecture NAME [--layer ROW ...] [--cases NAME,...|all] [--dtype D] [--seed N] [--unfused]
     parity diff [--layer NAME ...] [--cases NAME,...] [--variant tiny | --checkpoint DIR] [--audio PATH ...]
                 [--prompt TEXT] [--same-inputs] [--dtype D] [--device D] [--seed N] [--threads N] [--unfused]
                 [--mode eager|compiled|drift] [--compile regional|pieces|whole] [--compile-backend B]
@@ -93,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                                 metavar="{map,diff,repro,generate,compile-report,recheck,check,report}")
 
     p = sub.add_parser("map", help="print the HF <-> FMS module-path map")
+    p.add_argument("--architecture", default=None, metavar="NAME",
+                   help="any registered FMS architecture (granite, llama, ...): the map derived from FMS's adapter")
+    p.add_argument("--unfused", action="store_true", help="with --architecture: FMS built with fused_weights=False")
     p.add_argument("--variant", default=None, help="config whose layer counts fill the map (default: tiny)")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="take the layer counts from DIR/config.json")
     p.add_argument("--expand", action="store_true", help="one row per concrete layer, in execution order")
@@ -102,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
                                    "compare every layer: the propagated error (end to end) and the error each layer "
                                    "introduces (the FMS module on HF's exact input). Audio: WAV / FLAC / OGG, 16 kHz "
                                    "mono (resample and down-mix first, e.g. sox in.wav -r 16000 -c 1 out.wav).")
+    p.add_argument("--architecture", default=None, metavar="NAME",
+                   help="compare another FMS architecture with its transformers twin (granite, llama, mistral, "
+                        "gpt_bigcode, roberta, ...: `parity map --architecture NAME` lists its rows) through the map "
+                        "derived from FMS's own checkpoint adapter; default: Granite Speech")
     p.add_argument("--layer", action="append", default=None, metavar="NAME",
                    help="parity layer name, e.g. encoder.blocks.8 (repeatable; default: the whole model)")
     p.add_argument("--cases", default=None, metavar="NAME,...",
@@ -314,6 +323,15 @@ def _cmd_map(args, argv) -> int:
 
     from parity import pathmap
 
+    if args.architecture:
+        from parity import arch_cli
+
+        found = []
+        arch_cli.check(args, found)
+        if args.expand:
+            found.append("--expand belongs to the Granite Speech map; --architecture prints every row already")
+        _problems(found)
+        return arch_cli.map_(args)
     found: list[str] = []
     counts = _counts(args, found)
     _problems(found)
@@ -419,8 +437,26 @@ def _reproduce(argv: Sequence[str], threads: int) -> str:
 
 
 def _cmd_diff(args, argv) -> int:
-    cases = _check_diff(args)
     from parity.progress import reporter
+
+    if args.architecture:
+        from parity import arch_cli
+
+        found: list[str] = []
+        cases = arch_cli.check(args, found)
+        _check_common(args, found)
+        _check_out(args.report_dir, "--report-dir", found)
+        _check_out(args.json, "--json", found)
+        _problems(found)
+        progress = reporter("parity diff", quiet=args.quiet)
+        try:
+            return arch_cli.diff(args, argv, cases, progress)
+        except (ValueError, OSError) as err:
+            raise _UsageError(_first_line(err)) from None
+        finally:
+            if progress is not None:
+                progress.close()
+    cases = _check_diff(args)
 
     progress = reporter("parity diff", quiet=args.quiet)
     try:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
@@ -174,7 +175,9 @@ def summary_lines(result: ParityResult) -> list[str]:
         lines.append(f"first divergent layer: none ({ran} layers compared in {', '.join(result.sections)}; "
                      f"every one within its bound{tail})")
     else:
-        where = "introduced here" if first.introduces else "its own computation passes; the error reaches it"
+        where = ("introduced here" if first.introduces else
+                 "every earlier row agrees" if first.introduced is None and first.pair.kind is None else
+                 "its own computation passes; the error reaches it")
         lines.append(f"first divergent layer (over {ran} layers compared in {', '.join(result.sections)}): "
                      f"{first.name} ({where}) -- {first.reason}")
     for r in result.layers:
@@ -216,6 +219,8 @@ def render_markdown(result: ParityResult, png_name: Optional[str] = None) -> str
     out += [f"- requested: {', '.join(result.requested[:12])}{' ...' if len(result.requested) > 12 else ''}", ""]
     out += ["## Run", ""]
     rows = [
+        ("pair", f"{p['hf_class']} (transformers) vs FMS {p.get('fms_architecture')}" if p.get("hf_class") else None),
+        ("case", inp.get("case")),
         ("weights", p.get("weights")),
         ("variant", p.get("variant")),
         ("checkpoint", p.get("checkpoint")),
@@ -245,6 +250,8 @@ def render_markdown(result: ParityResult, png_name: Optional[str] = None) -> str
     ] + [(name, version) for name, version in result.versions.items()]
     rows += [(f"env {k}", v) for k, v in (p.get("environment") or {}).items()]
     rows += [("config", _config_line(result.config)), ("reproduce", _reproduce(result))]
+    if result.sections == ["model"]:  # a derived-map run (parity.engine): only what the run had (no audio)
+        rows = [(k, v) for k, v in rows if v not in (None, "", [])]
     out += [tabulate([(k, _md_cell(v)) for k, v in rows], headers=("", ""), tablefmt="github"), ""]
     if result.notes:
         out += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
@@ -375,8 +382,10 @@ def depth_series(result: ParityResult) -> tuple[list[str], list[Optional[float]]
     layer, the projector output, the merged embeddings, each decoder block, the final norm and the logits, in
     execution order. rel-L2 is None where the layer has no diff (it did not run or could not be compared)."""
     names, values = [], []
+    derived = result.sections == ["model"]  # a derived-map run (parity.engine): each block and the model output
     for r in result.layers:
-        if template_of(r.name) in DEPTH_ROWS:
+        if (derived and r.pair.tensor == "output" and (re.search(r"\.\d+$", r.name) or r.name == "model")) or \
+                (not derived and template_of(r.name) in DEPTH_ROWS):
             names.append(r.name)
             values.append(None if r.diff is None else float(r.diff.rel_l2))
     return names, values

@@ -1,0 +1,158 @@
+"""The ``--architecture NAME`` forms of ``parity map`` and ``parity diff``: any registered model pair
+(``parity.models.ARCHITECTURES``) through its map derived from FMS's adapter (``parity.derive``, ``parity.engine``).
+
+Exit codes as in ``parity.cli``: 0 pass, 1 a verdict of failure (a row diverges, or a step of building the pair fails:
+FMS cannot build or load transformers' model, which a porter must be told, not a skip), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Sequence
+
+__all__ = ["GRANITE_SPEECH_ONLY", "diff", "map_"]
+
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+# options of `parity diff` that belong to the Granite Speech pair (audio, its engine's modes)
+GRANITE_SPEECH_ONLY = {"audio": "--audio", "prompt": "--prompt", "same_inputs": "--same-inputs",
+                       "distributed": "--distributed", "explain": "--explain", "repro": "--repro",
+                       "save_activations": "--save-activations", "attribute": "--attribute"}
+_DEFAULTS = {"mode": ("eager", "--mode"), "memory": ("auto", "--memory"), "reference": ("auto", "--reference"),
+             "device": ("cpu", "--device")}
+
+
+def check(args, found: list[str]) -> list[str]:
+    """Problems of an ``--architecture`` command line (appended to ``found``); returns the cases to run."""
+    from parity.models import ARCHITECTURES, CASES, plugin
+
+    try:
+        p = plugin(args.architecture)
+    except ValueError as err:
+        found.append(str(err))
+        return []
+    for attr, flag in GRANITE_SPEECH_ONLY.items():
+        if getattr(args, attr, None):
+            found.append(f"{flag} belongs to the Granite Speech pair; drop it with --architecture")
+    for attr, (default, flag) in _DEFAULTS.items():
+        if getattr(args, attr, default) != default:
+            found.append(f"{flag} {getattr(args, attr)} is not available with --architecture (eager, CPU, both "
+                         "models held, float64 bounds)")
+    if getattr(args, "dtype", "float32") == "float64":
+        found.append("--dtype float64 is the bounds' reference; compare float32, bfloat16 or float16")
+    variant = getattr(args, "variant", None)
+    if variant and variant not in p.variants:
+        found.append(f"unknown variant {variant!r} of {p.name}; known: {', '.join(p.variants)}")
+    if variant and getattr(args, "checkpoint", None):
+        found.append("give --variant or --checkpoint, not both")
+    cases_arg = getattr(args, "cases", None)
+    if cases_arg is None:
+        return ["prompt"]
+    cases = list(CASES) if cases_arg.strip() == "all" else [c.strip() for c in cases_arg.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown or not cases:
+        found.append(f"unknown case(s) {unknown or [cases_arg]} for --architecture; known: {', '.join(CASES)}, or all")
+    del ARCHITECTURES
+    return cases
+
+
+def map_(args) -> int:
+    """``parity map --architecture NAME``: build the tiny pair, derive its map, print every row and every unpaired
+    module with the reason."""
+    from tabulate import tabulate
+
+    from parity.derive import DeriveError
+    from parity.engine import derived_map
+    from parity.models import BuildError, plugin
+
+    p = plugin(args.architecture)
+    try:
+        built = p.build("float32", seed=0, variant=args.variant or "tiny", checkpoint=args.checkpoint,
+                        fused_weights=not getattr(args, "unfused", False))
+        dmap = derived_map(built, p, p.inputs("prompt", built.hf_config))
+    except (BuildError, DeriveError) as err:
+        print(f"parity map --architecture {p.name}: FAIL: {err}")
+        return EXIT_FAIL
+    rows = [(d.name, d.hf or "<model>", "+".join(d.parts) if len(d.parts) > 1 else (d.fms or "<model>"),
+             d.relation, "" if d.index is None else f"{len(d.index)} channels") for d in dmap.pairs]
+    print(f"{p.hf_class} <-> FMS {built.architecture}: {len(dmap.pairs)} rows derived from FMS's "
+          f"{built.architecture!r} 'hf' adapter ({'cached' if dmap.cached else f'{dmap.seconds:.2f} s'}), "
+          "0 written by hand")
+    print(tabulate(rows, headers=("row", "HF module", "FMS module", "relation", "gather")))
+    print(f"\nunpaired ({len(dmap.unpaired)}):")
+    for u in dmap.unpaired:
+        print(f"  {u.side} {u.path or '<model>'}: {u.reason}")
+    return EXIT_PASS
+
+
+def diff(args, argv: Sequence[str], cases: Sequence[str], progress=None) -> int:
+    """``parity diff --architecture NAME``: the derived-map comparison of each case; a report per run."""
+    import torch
+
+    from parity._atomic import stage_file
+    from parity.derive import DeriveError
+    from parity.engine import run_architecture
+    from parity.models import BuildError, plugin
+    from parity.report import DEFAULT_REPORT_DIR, format_table, summary_lines, write_report, write_suite_report
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    p = plugin(args.architecture)
+    label = f"parity diff --architecture {p.name}"
+    try:
+        if progress:
+            progress(f"building {p.hf_class} and FMS {p.name} ({args.dtype})")
+        built = p.build(args.dtype, seed=args.seed, variant=args.variant or "tiny", checkpoint=args.checkpoint,
+                        fused_weights=not args.unfused)
+    except BuildError as err:
+        print(f"{label}: FAIL: {err}")
+        return EXIT_FAIL
+    applicable = p.cases(built.hf_config)
+    skipped = [c for c in cases if c not in applicable]
+    if skipped and args.cases and args.cases.strip() != "all":
+        raise ValueError(f"case(s) {skipped} do not apply to {p.name} (its cases: {', '.join(applicable)})")
+    runs = []
+    for case in [c for c in cases if c in applicable]:
+        words = [w for w in argv]
+        try:
+            result = run_architecture(p, dtype=args.dtype, case=case, seed=args.seed, layers=args.layer, built=built,
+                                      progress=progress, command="parity " + shlex.join(words))
+        except DeriveError as err:
+            print(f"{label}: FAIL: {err}")
+            return EXIT_FAIL
+        runs.append((case, result))
+    out_dir = args.report_dir or DEFAULT_REPORT_DIR
+    to_stdout = args.json == "-"
+    for case, result in runs:
+        if to_stdout:
+            continue
+        print(f"{label} case {case}: {p.hf_class} vs FMS {built.architecture}, {args.dtype}, "
+              f"{'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'variant ' + (args.variant or 'tiny')}, "
+              f"seed {args.seed}{', FMS unfused' if args.unfused else ''}")
+        print(format_table(result, names=[r.name for r in result.requested_results()]))
+        for line in summary_lines(result):
+            print(line)
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"elapsed {result.elapsed_s:.1f} s")
+    import json
+
+    payload = None
+    if args.json:
+        payload = runs[0][1].to_json() if len(runs) == 1 else json.dumps(
+            {"results": {c: r.to_dict() for c, r in runs}}, indent=1, allow_nan=False)
+    json_tmp = stage_file(args.json, payload + "\n") if payload is not None and not to_stdout else None
+    try:
+        paths = write_report(runs[0][1], out_dir) if len(runs) == 1 else write_suite_report(dict(runs), out_dir)
+    except BaseException:
+        if json_tmp is not None:
+            json_tmp.unlink(missing_ok=True)
+        raise
+    if json_tmp is not None:
+        os.replace(json_tmp, args.json)
+    if to_stdout:
+        print(payload)
+    else:
+        print("report: " + " ".join(str(x) for x in paths))
+    return EXIT_PASS if all(r.passed for _, r in runs) else EXIT_FAIL

@@ -1,0 +1,350 @@
+"""Model-pair plugins: how the engine builds, feeds and runs one HF model and its FMS port.
+
+A ``PairPlugin`` is the small interface the derived-map engine (``parity.engine``) needs from a model pair:
+
+* ``build(dtype, seed, checkpoint, fused_weights)``: both models, the HF one from its transformers config class (a
+  tiny config with seeded realistic weights, or a checkpoint folder), the FMS one through FMS's HF-config registry
+  (``get_model("hf_pretrained")``'s conversion of the config) and FMS's ``hf`` adapter on transformers' checkpoint
+  layout, the way ``get_model(..., source="hf")`` loads a folder. Every step is named: a failure is a
+  ``BuildError`` naming the step (``HF model``, ``FMS config``, ``FMS model``, ``FMS adapter``, ``coverage``) and
+  its first line;
+* ``inputs(case, built, seed)``: the named input cases (``CASES``: one prompt, a left-padded batch with its mask, a
+  prompt of one token, a prompt longer than the sliding window where the architecture has one);
+* ``run_hf`` / ``run_fms``: one forward of each side on those inputs;
+* hints for the derivation and the comparison: ``exclude`` (HF keys left out of the lineage), ``transforms`` (a
+  named transform of an FMS row, e.g. ``logits_scaling``), ``notes``.
+
+``ARCHITECTURES`` registers one plugin per FMS architecture with a transformers twin in the pinned stack; the tiny
+configs are built from each HF config class (widths chosen so FMS's width rounding, ``multiple_of``, keeps HF's
+widths).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["ARCHITECTURES", "BuildError", "BuiltPair", "CASES", "PairPlugin", "TextInputs", "plugin"]
+
+CASES = {
+    "prompt": "one prompt of 12 tokens",
+    "batch_left_padded": "a batch of two prompts (12 and 7 tokens), the short one left-padded, with its attention mask",
+    "length_1": "a prompt of one token",
+    "beyond_window": "a prompt 5 tokens longer than the sliding window (architectures with one)",
+}
+
+
+class BuildError(RuntimeError):
+    """A step of building or loading the pair failed; ``step`` names it, the message is one line."""
+
+    def __init__(self, step: str, message: str):
+        super().__init__(f"step {step!r} failed: {message}")
+        self.step = step
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {(lines[0] if lines else '')[:400]}"
+
+
+@dataclass
+class BuiltPair:
+    """Both models of a plugin, in eval mode, with what the engine needs to know about them."""
+
+    hf: nn.Module
+    fms: nn.Module
+    hf_config: Any
+    architecture: str
+    dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+
+@dataclass
+class TextInputs:
+    """Token inputs of one case: ``input_ids`` [B, T]; ``attention_mask`` [B, T] (1 = real token); ``position_ids``
+    [B, T]; ``fms_kwargs``: the ``mask`` / ``position_ids`` FMS's ``pad_input_ids`` makes for the same batch;
+    ``valid`` [B, T] bool: the positions whose activations are compared (padding is not)."""
+
+    case: str
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    fms_kwargs: dict
+    valid: torch.Tensor
+
+    def describe(self) -> dict:
+        return {"case": self.case, "description": CASES.get(self.case, ""),
+                "input_ids": list(self.input_ids.shape), "tokens_per_item": self.valid.sum(1).tolist()}
+
+
+def _realistic(model: nn.Module, seed: int) -> None:
+    """Make seeded random weights realistic: norm scales around 1 and biases non-zero (an init of exact ones and
+    zeros hides a swapped norm or a dropped bias), embeddings and projections left at the model's own init."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_floating_point() or p.numel() == 0:
+                continue
+            constant = p.numel() == 1 or float(p.detach().float().std()) == 0.0
+            if constant:  # ones (norm scales) or zeros (biases): give each element its own value
+                p.add_((torch.randn(p.shape, generator=gen) * 0.1).to(p.dtype))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers' and FMS's info logging and prints (a load's unused-key notes are checked here instead)."""
+    loggers = [logging.getLogger(n) for n in ("fms", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+class PairPlugin:
+    """One HF model class and its FMS port (see the module docstring). Subclass or instantiate with data.
+
+    Attributes:
+        name: the FMS architecture name the CLI takes (``--architecture``).
+        hf_class: the transformers class (``GraniteForCausalLM``); model_type: its config's ``model_type``.
+        tiny: keyword arguments of the HF config class for the ``tiny`` variant.
+        fms_overrides: FMS config fields set on top of the registry's conversion (why, in ``notes``).
+        causal: a causal LM (``parity generate`` applies; cases with left padding).
+        exclude: HF state-dict key patterns left out of the derived lineage.
+        transforms: row name -> named transform on the FMS tensor (``parity.engine.TRANSFORMS``).
+        notes: facts the report states for every run of this pair.
+    """
+
+    def __init__(self, name: str, hf_class: str, model_type: str, tiny: Mapping[str, Any], *,
+                 fms_overrides: Optional[Mapping[str, Any]] = None, causal: bool = True,
+                 exclude: Sequence[str] = (), transforms: Optional[Mapping[str, str]] = None,
+                 notes: Sequence[str] = (), variants: Optional[Mapping[str, Mapping[str, Any]]] = None):
+        self.name = name
+        self.hf_class = hf_class
+        self.model_type = model_type
+        self.tiny = dict(tiny)
+        self.fms_overrides = dict(fms_overrides or {})
+        self.causal = causal
+        self.exclude = tuple(exclude)
+        self.transforms = dict(transforms or {})
+        self.notes = list(notes)
+        self.variants = {"tiny": self.tiny, **dict(variants or {})}
+
+    def __repr__(self) -> str:
+        return f"PairPlugin({self.name!r}, {self.hf_class})"
+
+    # -- building ---------------------------------------------------------------------------------------------------
+
+    def hf_config(self, variant: str = "tiny", checkpoint: Union[None, str, Path] = None):
+        """The transformers config: from ``checkpoint``'s config.json, or the named variant's keyword arguments."""
+        import transformers
+
+        if checkpoint is not None:
+            try:
+                cfg = transformers.AutoConfig.from_pretrained(str(checkpoint))
+            except Exception as err:  # noqa: BLE001
+                raise BuildError("HF config", f"{checkpoint}: {_first_line(err)}") from None
+            if not cfg.architectures or cfg.architectures[0] != self.hf_class:
+                raise BuildError("HF config", f"{checkpoint}/config.json names {cfg.architectures}, not "
+                                              f"{self.hf_class} (--architecture {self.name})")
+            return cfg
+        if variant not in self.variants:
+            raise BuildError("HF config", f"unknown variant {variant!r} of {self.name}; known: "
+                                          f"{', '.join(self.variants)}")
+        try:
+            cfg = transformers.AutoConfig.for_model(self.model_type, **self.variants[variant])
+        except Exception as err:  # noqa: BLE001
+            raise BuildError("HF config", _first_line(err)) from None
+        cfg.architectures = [self.hf_class]
+        return cfg
+
+    def build_hf(self, cfg, dtype: torch.dtype, seed: int, checkpoint=None) -> nn.Module:
+        import transformers
+
+        try:
+            cls = getattr(transformers, self.hf_class)
+            with _quiet():
+                if checkpoint is not None:
+                    model = cls.from_pretrained(str(checkpoint), dtype=torch.float32)
+                else:
+                    torch.manual_seed(seed)
+                    model = cls(cfg)
+                    _realistic(model, seed)
+        except Exception as err:  # noqa: BLE001
+            raise BuildError("HF model", _first_line(err)) from None
+        return model.to(dtype).eval()
+
+    def fms_params(self, cfg, fused_weights: bool = True) -> tuple[str, str, dict]:
+        from fms_granite_speech._fms_compat import hf_config_params
+
+        try:
+            params = hf_config_params(cfg)
+        except Exception as err:  # noqa: BLE001
+            raise BuildError("FMS config", f"FMS's HF-config registry on {self.hf_class}: {_first_line(err)}") \
+                from None
+        arch, variant = params.pop("architecture"), params.pop("variant")
+        params.update(self.fms_overrides)
+        if not fused_weights:
+            params["fused_weights"] = False
+        return arch, variant, params
+
+    def build_fms(self, arch: str, variant: str, params: dict, dtype: torch.dtype) -> nn.Module:
+        from fms.models import get_model
+
+        try:
+            with _quiet():
+                model = get_model(arch, variant, device_type="cpu", data_type=torch.float32, **params)
+        except Exception as err:  # noqa: BLE001
+            raise BuildError("FMS model", f"get_model({arch!r}, {variant!r}, ...): {_first_line(err)}") from None
+        return model
+
+    def load_fms(self, fms: nn.Module, hf: nn.Module, arch: str, dtype: torch.dtype) -> None:
+        """FMS's loader on transformers' checkpoint layout of ``hf`` (what ``save_pretrained`` writes), then a
+        coverage check: every FMS parameter must be filled (FMS leaves unfilled ones as they were)."""
+        from fms.utils import serialization
+        from transformers.core_model_loading import revert_weight_conversion
+
+        with torch.no_grad():
+            for p in fms.parameters():
+                p.fill_(float("nan"))
+        try:
+            sd = revert_weight_conversion(hf, {k: v.detach().clone() for k, v in hf.state_dict().items()})
+        except Exception as err:  # noqa: BLE001
+            raise BuildError("checkpoint layout", f"transformers' revert_weight_conversion: {_first_line(err)}") \
+                from None
+        try:
+            with _quiet():
+                serialization.load_state_dict_into_model(fms, sd, arch, "hf")
+        except Exception as err:  # noqa: BLE001
+            raise BuildError("FMS adapter", f"FMS's {arch!r} 'hf' adapter on transformers' checkpoint: "
+                                            f"{_first_line(err)}") from None
+        post = getattr(fms, "post_init", None)
+        if callable(post):
+            post()
+        missing = [n for n, p in fms.named_parameters() if p.is_floating_point() and bool(torch.isnan(p).any())]
+        if missing:
+            raise BuildError("coverage", f"{len(missing)} FMS parameter(s) not filled by the checkpoint: "
+                                         f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        fms.to(dtype).eval()
+
+    def build(self, dtype: Union[str, torch.dtype] = torch.float32, seed: int = 0, variant: str = "tiny",
+              checkpoint: Union[None, str, Path] = None, fused_weights: bool = True) -> BuiltPair:
+        """Both models in ``dtype`` (the HF weights are made in float32, cast, then loaded into FMS from the cast
+        copy, so both hold the same values).
+
+        Raises:
+            BuildError: naming the step that failed.
+        """
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        cfg = self.hf_config(variant, checkpoint)
+        hf = self.build_hf(cfg, dtype, seed, checkpoint)
+        arch, fvariant, params = self.fms_params(cfg, fused_weights)
+        fms = self.build_fms(arch, fvariant, params, dtype)
+        self.load_fms(fms, hf, arch, dtype)
+        prov = {"architecture": self.name, "hf_class": self.hf_class, "fms_architecture": arch,
+                "variant": None if checkpoint else variant, "checkpoint": str(checkpoint) if checkpoint else None,
+                "seed": seed, "dtype": str(dtype).replace("torch.", ""), "device": "cpu",
+                "fused_weights": fused_weights}
+        return BuiltPair(hf=hf, fms=fms, hf_config=cfg, architecture=arch, dtype=dtype, notes=list(self.notes),
+                         provenance=prov)
+
+    # -- inputs and runs --------------------------------------------------------------------------------------------
+
+    def cases(self, cfg) -> list[str]:
+        """The cases that apply to this architecture's config."""
+        out = ["prompt", "batch_left_padded", "length_1"]
+        if getattr(cfg, "sliding_window", None):
+            out.append("beyond_window")
+        return out
+
+    def inputs(self, case: str, cfg, seed: int = 0) -> TextInputs:
+        """The tokens of ``case`` (``CASES``), drawn with ``seed`` from the vocabulary.
+
+        Raises:
+            ValueError: an unknown case, or one that does not apply (``beyond_window`` without a sliding window).
+        """
+        from fms.utils.generation import pad_input_ids
+
+        if case not in CASES:
+            raise ValueError(f"unknown case {case!r}; cases: {', '.join(CASES)}")
+        vocab = int(cfg.vocab_size)
+        gen = torch.Generator().manual_seed(seed + 7)
+        if case == "beyond_window":
+            window = getattr(cfg, "sliding_window", None)
+            if not window:
+                raise ValueError(f"case beyond_window needs a sliding window; {self.name} has none")
+            lengths = [int(window) + 5]
+        else:
+            lengths = {"prompt": [12], "batch_left_padded": [12, 7], "length_1": [1]}[case]
+        low = 3 if vocab > 8 else 0  # keep clear of the usual special ids
+        seqs = [torch.randint(low, vocab, (n,), generator=gen) for n in lengths]
+        ids, kw = pad_input_ids(seqs, is_causal_mask=self.causal, padding_side="left",
+                                pad_token_id=int(getattr(cfg, "pad_token_id", None) or 0))
+        valid = torch.stack([torch.cat([torch.zeros(ids.shape[1] - n, dtype=torch.bool),
+                                        torch.ones(n, dtype=torch.bool)]) for n in lengths])
+        pos = kw["position_ids"]
+        if len(lengths) == 1:
+            kw = {}  # FMS's own causal path, as generate runs an unpadded prompt
+        return TextInputs(case=case, input_ids=ids, attention_mask=valid.long(), position_ids=pos,
+                          fms_kwargs=kw, valid=valid)
+
+    def run_hf(self, hf: nn.Module, x: TextInputs):
+        kw = {"attention_mask": x.attention_mask}
+        if self.causal:
+            kw["position_ids"] = x.position_ids
+            kw["use_cache"] = False
+        return hf(input_ids=x.input_ids, **kw)
+
+    def run_fms(self, fms: nn.Module, x: TextInputs):
+        return fms(x.input_ids, **x.fms_kwargs)
+
+
+def _lm(hidden=64, layers=3, heads=4, kv=2, inter=128, vocab=256, **extra) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=128, **extra)
+
+
+ARCHITECTURES: dict[str, PairPlugin] = {}
+
+
+def register(p: PairPlugin) -> PairPlugin:
+    """Add ``p`` to ``ARCHITECTURES`` under its name."""
+    ARCHITECTURES[p.name] = p
+    return p
+
+
+register(PairPlugin("granite", "GraniteForCausalLM", "granite",
+                    _lm(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                        logits_scaling=8.0, rope_theta=10000.0)))
+register(PairPlugin("llama", "LlamaForCausalLM", "llama", _lm()))
+register(PairPlugin("gpt_bigcode", "GPTBigCodeForCausalLM", "gpt_bigcode",
+                    dict(n_embd=64, n_layer=3, n_head=4, n_inner=256, vocab_size=256, n_positions=128,
+                         multi_query=True)))
+
+
+def plugin(name: str) -> PairPlugin:
+    """The registered plugin ``name``.
+
+    Raises:
+        ValueError: an unknown architecture (the message lists the registered ones and the closest name).
+    """
+    if name not in ARCHITECTURES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(ARCHITECTURES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown architecture {name!r}{hint} (registered: {', '.join(sorted(ARCHITECTURES))})")
+    return ARCHITECTURES[name]
