@@ -28,6 +28,7 @@ __all__ = [
     "hf_architectures",
     "hf_config_params",
     "key_neighbors",
+    "model_instance",
     "register_hf_config",
     "registered_step",
 ]
@@ -104,3 +105,20 @@ def hf_architectures() -> dict[str, str]:
     from fms.models.hf.config_utils import _FMS_MODEL_CONFIG_REGISTRY
 
     return dict(_FMS_MODEL_CONFIG_REGISTRY.model_arch_mappings)
+
+
+def model_instance(architecture: str, variant: str, params: Mapping[str, Any]) -> Any:
+    """An FMS model of ``architecture`` / ``variant`` with ``params``, built on the meta device and materialised on
+    the CPU without ``reset_parameters`` (``fms.models._get_model_instance`` + ``to_empty`` + ``post_init``), which
+    is what ``get_model`` does when it loads a checkpoint. Some FMS models cannot be built with random weights
+    through ``get_model`` (ibm-fms 1.13.1's siglip_vision ``reset_parameters`` recurses into itself)."""
+    import torch
+    from fms import models as _models
+
+    model = _models._get_model_instance(architecture, variant, dtype=torch.float32, device=torch.device("meta"),
+                                        extra_args=dict(params))
+    model.to_empty(device="cpu")
+    post = getattr(model, "post_init", None)
+    if callable(post):
+        post()
+    return model

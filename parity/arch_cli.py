@@ -48,7 +48,7 @@ def check(args, found: list[str]) -> list[str]:
         found.append("give --variant or --checkpoint, not both")
     cases_arg = getattr(args, "cases", None)
     if cases_arg is None:
-        return ["prompt"]
+        return [p.default_case]
     cases = list(CASES) if cases_arg.strip() == "all" else [c.strip() for c in cases_arg.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown or not cases:
@@ -70,7 +70,7 @@ def map_(args) -> int:
     try:
         built = p.build("float32", seed=0, variant=args.variant or "tiny", checkpoint=args.checkpoint,
                         fused_weights=not getattr(args, "unfused", False))
-        dmap = derived_map(built, p, p.inputs("prompt", built.hf_config))
+        dmap = derived_map(built, p, p.inputs(p.default_case, built.hf_config))
     except (BuildError, DeriveError) as err:
         print(f"parity map --architecture {p.name}: FAIL: {err}")
         return EXIT_FAIL

@@ -77,6 +77,7 @@ class DerivedPair:
     parts: tuple[str, ...] = ()
     index: Optional[tuple[int, ...]] = None
     sources: int = 0
+    elementwise: bool = False  # the gather applies to the module's input too (a norm over permuted channels)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -474,7 +475,8 @@ def derive(hf: nn.Module, fms: nn.Module, architecture: str, *, source: str = "h
     key = _cache_key([architecture, source, FMS_VERSION, getattr(adapter, "__qualname__", repr(adapter)),
                       type(hf).__name__, _config_repr(hf), type(fms).__name__, _config_repr(fms),
                       list(exclude), sorted(hf.state_dict(keep_vars=True)), sorted(fms.state_dict(keep_vars=True)),
-                      bool(probe), _VERSION])
+                      {side: sorted((k, tuple(v)) for k, v in (probe or {}).get(side, {}).items())
+                       for side in ("hf", "fms")}, _VERSION])
     path = cache_dir() / f"{architecture}-{key}.json"
     if cache and path.is_file():
         try:
@@ -497,7 +499,7 @@ def derive(hf: nn.Module, fms: nn.Module, architecture: str, *, source: str = "h
     return out
 
 
-_VERSION = 1  # bump when the derivation changes what it returns (invalidates the cache)
+_VERSION = 2  # bump when the derivation changes what it returns (invalidates the cache)
 
 
 def _transformers_layout(hf: nn.Module) -> Optional[Callable[[dict], dict]]:
@@ -584,7 +586,9 @@ def _derive(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclud
         if lin.row_sid is None or not k.endswith(".weight"):
             continue
         mod = fms_mods.get(k.rsplit(".", 1)[0])
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, nn.Linear) and len(lin.row_sid.shape) != 1 or fms_sd[k].dim() not in (1, 2):
+            continue
+        if not isinstance(mod, nn.Linear) and fms_sd[k].dim() != 1:
             continue
         for s in lin.sources:
             sel = lin.row_sid == s
@@ -592,11 +596,16 @@ def _derive(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclud
                                 int(lin.row_sid.numel())))
     new_pairs = []
     for i, p in enumerate(pairs):
-        if p.relation == SAME and isinstance(hf_mods[p.hf], nn.Linear) and isinstance(fms_mods[p.fms], nn.Linear):
-            g = _gather(p.hf, hf_mods, key_sid, row_home, tags)
-            if g is not None and g[1] is not None:
-                parts, index = g
-                pairs[i] = dataclasses.replace(p, relation=GATHER, index=index, name=f"{p.fms}[{p.hf.rsplit('.', 1)[-1]}]")
+        if p.relation != SAME or f"{p.hf}.weight" not in key_sid or list(hf_mods[p.hf].children()):
+            continue
+        linear = isinstance(hf_mods[p.hf], nn.Linear) and isinstance(fms_mods[p.fms], nn.Linear)
+        if not linear and hf_sd[f"{p.hf}.weight"].dim() != 1:
+            continue
+        g = _gather(p.hf, hf_mods, key_sid, row_home, tags)
+        if g is not None and g[1] is not None and g[0] == [p.fms]:
+            # one FMS module holding HF's channels in another order (RoPE rows, fused_weights=False)
+            pairs[i] = dataclasses.replace(p, relation=GATHER, index=g[1], elementwise=not linear,
+                                           name=f"{p.fms}[{p.hf.rsplit('.', 1)[-1]}]")
     for p_h, mod in hf_mods.items():
         if p_h in paired_h or not isinstance(mod, nn.Linear) or not hf_sets.get(p_h):
             continue

@@ -35,7 +35,9 @@ __all__ = ["ARCHITECTURES", "BuildError", "BuiltPair", "CASES", "PairPlugin", "T
 
 CASES = {
     "prompt": "one prompt of 12 tokens",
-    "batch_left_padded": "a batch of two prompts (12 and 7 tokens), the short one left-padded, with its attention mask",
+    "image_prompt": "an image (two tiles' size: anyres patches) between 3 and 5 text tokens (vision pairs)",
+    "batch_left_padded": "a batch of two prompts (12 and 7 tokens), the short one left-padded (right-padded for an "
+                         "encoder), with its attention mask",
     "length_1": "a prompt of one token",
     "beyond_window": "a prompt 5 tokens longer than the sliding window (architectures with one)",
 }
@@ -50,8 +52,18 @@ class BuildError(RuntimeError):
 
 
 def _first_line(err: BaseException) -> str:
+    """``Type: first line``; for an error without a message (a bare ``assert``), where it was raised instead."""
     lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {(lines[0] if lines else '')[:400]}"
+    if lines:
+        return f"{type(err).__name__}: {lines[0][:400]}"
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return type(err).__name__
+    last = frames[-1]
+    where = "/".join(Path(last.filename).parts[-3:])
+    return f"{type(err).__name__} at {where}:{last.lineno}: {(last.line or '').strip()[:300]}"
 
 
 @dataclass
@@ -114,6 +126,8 @@ def _quiet():
 
 
 class PairPlugin:
+    default_case = "prompt"
+
     """One HF model class and its FMS port (see the module docstring). Subclass or instantiate with data.
 
     Attributes:
@@ -200,6 +214,23 @@ class PairPlugin:
             params["fused_weights"] = False
         return arch, variant, params
 
+    @staticmethod
+    def ignored_fields(arch: str, variant: str, params: Mapping[str, Any]) -> list[str]:
+        """The keys of ``params`` that the FMS config of ``arch`` has no field for: ``get_model`` drops them
+        silently, so a value the HF config sets there never reaches the FMS model (read from the variant's default
+        model built on the meta device)."""
+        import dataclasses
+
+        from fms.models import get_model
+
+        try:
+            with _quiet():
+                default = get_model(arch, variant, device_type="meta")
+            fields = {f.name for f in dataclasses.fields(default.config)}
+        except Exception:  # noqa: BLE001 - no default model to read the fields from: nothing to say
+            return []
+        return sorted(k for k in params if k not in fields and k not in ("fused_weights", "linear_config"))
+
     def build_fms(self, arch: str, variant: str, params: dict, dtype: torch.dtype) -> nn.Module:
         from fms.models import get_model
 
@@ -207,7 +238,11 @@ class PairPlugin:
             with _quiet():
                 model = get_model(arch, variant, device_type="cpu", data_type=torch.float32, **params)
         except Exception as err:  # noqa: BLE001
-            raise BuildError("FMS model", f"get_model({arch!r}, {variant!r}, ...): {_first_line(err)}") from None
+            ignored = self.ignored_fields(arch, variant, params)
+            hint = (f" (FMS's HF-config registry passed {', '.join(ignored)}, which FMS's {arch} config has no field "
+                    f"for: the {variant} default stays)" if ignored else "")
+            raise BuildError("FMS model", f"get_model({arch!r}, {variant!r}, ...): {_first_line(err)}{hint}") \
+                from None
         return model
 
     def load_fms(self, fms: nn.Module, hf: nn.Module, arch: str, dtype: torch.dtype) -> None:
@@ -220,7 +255,7 @@ class PairPlugin:
             for p in fms.parameters():
                 p.fill_(float("nan"))
         try:
-            sd = revert_weight_conversion(hf, {k: v.detach().clone() for k, v in hf.state_dict().items()})
+            sd = self.to_checkpoint(hf)({k: v.detach().clone() for k, v in hf.state_dict().items()})
         except Exception as err:  # noqa: BLE001
             raise BuildError("checkpoint layout", f"transformers' revert_weight_conversion: {_first_line(err)}") \
                 from None
@@ -254,12 +289,25 @@ class PairPlugin:
         arch, fvariant, params = self.fms_params(cfg, fused_weights)
         fms = self.build_fms(arch, fvariant, params, dtype)
         self.load_fms(fms, hf, arch, dtype)
+        notes = list(self.notes)
+        ignored = self.ignored_fields(arch, fvariant, params)
+        if ignored:
+            notes.append(f"FMS's HF-config registry passes {', '.join(ignored)}, which FMS's {arch} config has no "
+                         f"field for: get_model drops {'it' if len(ignored) == 1 else 'them'} and keeps the "
+                         f"{fvariant} default")
         prov = {"architecture": self.name, "hf_class": self.hf_class, "fms_architecture": arch,
                 "variant": None if checkpoint else variant, "checkpoint": str(checkpoint) if checkpoint else None,
                 "seed": seed, "dtype": str(dtype).replace("torch.", ""), "device": "cpu",
                 "fused_weights": fused_weights}
-        return BuiltPair(hf=hf, fms=fms, hf_config=cfg, architecture=arch, dtype=dtype, notes=list(self.notes),
+        return BuiltPair(hf=hf, fms=fms, hf_config=cfg, architecture=arch, dtype=dtype, notes=notes,
                          provenance=prov)
+
+    def to_checkpoint(self, hf: nn.Module) -> Callable[[dict], dict]:
+        """Turns (part of) HF's runtime state dict into the checkpoint layout FMS's loader reads: transformers' own
+        ``revert_weight_conversion`` (what ``save_pretrained`` writes)."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return lambda sd: revert_weight_conversion(hf, sd)
 
     # -- inputs and runs --------------------------------------------------------------------------------------------
 
@@ -291,10 +339,12 @@ class PairPlugin:
             lengths = {"prompt": [12], "batch_left_padded": [12, 7], "length_1": [1]}[case]
         low = 3 if vocab > 8 else 0  # keep clear of the usual special ids
         seqs = [torch.randint(low, vocab, (n,), generator=gen) for n in lengths]
-        ids, kw = pad_input_ids(seqs, is_causal_mask=self.causal, padding_side="left",
+        side = "left" if self.causal else "right"  # an encoder's batch pads on the right, as its tokenizer does
+        ids, kw = pad_input_ids(seqs, is_causal_mask=self.causal, padding_side=side,
                                 pad_token_id=int(getattr(cfg, "pad_token_id", None) or 0))
-        valid = torch.stack([torch.cat([torch.zeros(ids.shape[1] - n, dtype=torch.bool),
-                                        torch.ones(n, dtype=torch.bool)]) for n in lengths])
+        pads = [torch.zeros(ids.shape[1] - n, dtype=torch.bool) for n in lengths]
+        real = [torch.ones(n, dtype=torch.bool) for n in lengths]
+        valid = torch.stack([torch.cat([p, r] if side == "left" else [r, p]) for p, r in zip(pads, real)])
         pos = kw["position_ids"]
         if len(lengths) == 1:
             kw = {}  # FMS's own causal path, as generate runs an unpadded prompt
@@ -333,6 +383,149 @@ register(PairPlugin("llama", "LlamaForCausalLM", "llama", _lm()))
 register(PairPlugin("gpt_bigcode", "GPTBigCodeForCausalLM", "gpt_bigcode",
                     dict(n_embd=64, n_layer=3, n_head=4, n_inner=256, vocab_size=256, n_positions=128,
                          multi_query=True)))
+
+
+register(PairPlugin("mistral", "MistralForCausalLM", "mistral", _lm(inter=256, sliding_window=16),
+                    notes=["tiny intermediate_size 256: FMS's mistral variant keeps multiple_of=256, which rounds a "
+                           "smaller width away from HF's"]))
+register(PairPlugin("qwen3", "Qwen3ForCausalLM", "qwen3",
+                    _lm(inter=256, head_dim=16, rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"}),
+                    notes=["tiny rope_theta 1e6: FMS's qwen3 param builder passes rope_base, a field FMS's Qwen3Config "
+                           "does not have, so FMS keeps its default 1e6 whatever the checkpoint says"]))
+register(PairPlugin("granite_moe_hybrid", "GraniteMoeHybridForCausalLM", "granitemoehybrid",
+                    _lm(shared_intermediate_size=128, num_local_experts=0, layer_types=["full_attention"] * 3,
+                        position_embedding_type="rope", embedding_multiplier=12.0, logits_scaling=8.0,
+                        residual_multiplier=0.22, attention_multiplier=0.0625, pad_token_id=0),
+                    fms_overrides={"pad_id": -1},
+                    notes=["FMS's granite_moe_hybrid param builder does not pass pad_token_id: FMS keeps the 8b "
+                           "variant's pad_id 100256, beyond a tiny vocabulary; the pair sets pad_id -1 (no padding "
+                           "row). FMS's granite_moe_hybrid is Granite 4's dense attention model: no Mamba layers, no "
+                           "experts (num_local_experts 0, every layer full_attention, RoPE)"]))
+register(PairPlugin("roberta", "RobertaForMaskedLM", "roberta",
+                    dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=130, pad_token_id=1), causal=False))
+register(PairPlugin("mixtral", "MixtralForCausalLM", "mixtral", _lm(num_local_experts=4, num_experts_per_tok=2)))
+
+
+register(PairPlugin("granite_swa", "GraniteSWAForCausalLM", "granite_swa",
+                    _lm(sliding_window=8, layer_types=["full_attention", "sliding_attention", "full_attention"],
+                        pad_token_id=0, embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
+                        attention_multiplier=0.0625)))
+register(PairPlugin("bamba", "BambaForCausalLM", "bamba",
+                    _lm(inter=256, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1,
+                        mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, pad_token_id=0),
+                    fms_overrides={"attn_layer_indices": [1]},
+                    notes=["FMS's bamba param builder does not pass attn_layer_indices (FMS keeps the 9.8b variant's "
+                           "[9, 18, 27]); the pair sets it from the HF config"]))
+register(PairPlugin("bert", "BertForMaskedLM", "bert",
+                    dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=128, pad_token_id=0), causal=False))
+
+
+class LlavaNextPlugin(PairPlugin):
+    """LlavaNextForConditionalGeneration (a SigLIP vision tower, a projector, a Granite decoder) against FMS's
+    llava_next: pixels and an image-size list in, the image features merged at the image tokens; FMS's side runs
+    ``prepare_inputs_for_generation`` (the merge) then the forward, as FMS's generate does on its first step."""
+
+    # transformers 5.17's SiglipVisionModel saves its tensors as vision_tower.* where checkpoints written by
+    # transformers 4.x (those on the hub) have vision_tower.vision_model.*, which is what FMS's adapter reads
+    HUB_LAYOUT = ((r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),)
+
+    def to_checkpoint(self, hf):
+        import re
+
+        from transformers.core_model_loading import revert_weight_conversion
+
+        def convert(sd):
+            out = {}
+            for k, v in revert_weight_conversion(hf, sd).items():
+                for pat, rep in self.HUB_LAYOUT:
+                    k = re.sub(pat, rep, k)
+                out[k] = v
+            return out
+        return convert
+
+    def build_fms(self, arch, variant, params, dtype):
+        from fms_granite_speech._fms_compat import model_instance
+
+        try:
+            with _quiet():
+                return model_instance(arch, variant, params)
+        except Exception as err:  # noqa: BLE001
+            raise BuildError("FMS model", f"{arch} {variant}: {_first_line(err)}") from None
+
+    default_case = "image_prompt"
+
+    def cases(self, cfg):
+        return ["image_prompt", "prompt"]
+
+    def inputs(self, case, cfg, seed=0):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        if case not in ("image_prompt", "prompt"):
+            raise ValueError(f"case {case!r} does not apply to {self.name} (its cases: image_prompt, prompt)")
+        gen = torch.Generator().manual_seed(seed + 7)
+        vc, itok = cfg.vision_config, cfg.image_token_index
+        vocab = cfg.text_config.vocab_size
+
+        def words(n):
+            ids = torch.randint(3, vocab - 1, (1, n), generator=gen)
+            return torch.where(ids == itok, ids - 1, ids)
+        if case == "prompt":
+            ids = words(12)
+            extra = {}
+        else:
+            height, width = vc.image_size, 2 * vc.image_size
+            sizes = torch.tensor([[height, width]])
+            patches = image_size_to_num_patches((height, width), cfg.image_grid_pinpoints, vc.image_size)
+            pixels = torch.randn(1, patches, vc.num_channels, vc.image_size, vc.image_size, generator=gen)
+            n_img = self._image_tokens(cfg, height, width)
+            ids = torch.cat([words(3), torch.full((1, n_img), itok), words(5)], dim=1)
+            extra = {"pixel_values": pixels, "image_sizes": sizes}
+        valid = torch.ones(ids.shape, dtype=torch.bool)
+        x = TextInputs(case=case, input_ids=ids, attention_mask=valid.long(),
+                       position_ids=torch.arange(ids.shape[1])[None], fms_kwargs={}, valid=valid)
+        x.extra = extra  # type: ignore[attr-defined]
+        return x
+
+    @staticmethod
+    def _image_tokens(cfg, height, width) -> int:
+        import transformers
+
+        hf = getattr(LlavaNextPlugin, "_probe_model", None)
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        vc = cfg.vision_config
+        side = vc.image_size // vc.patch_size
+        rows, cols = get_anyres_image_grid_shape((height, width), cfg.image_grid_pinpoints, vc.image_size)
+        grid = torch.zeros(1, rows * side, cols * side)
+        unpadded = unpad_image(grid, (height, width))
+        del transformers, hf
+        base = side * side
+        return base + unpadded.shape[1] * (unpadded.shape[2] + 1)
+
+    def run_hf(self, hf, x):
+        return hf(input_ids=x.input_ids, use_cache=False, **getattr(x, "extra", {}))
+
+    def run_fms(self, fms, x):
+        embeds, _ = fms.prepare_inputs_for_generation(0, x.input_ids, dict(getattr(x, "extra", {})))
+        return fms(embeds)
+
+
+register(LlavaNextPlugin(
+    "llava_next", "LlavaNextForConditionalGeneration", "llava_next",
+    dict(text_config=_lm(layers=2, model_type="granite", embedding_multiplier=12.0, logits_scaling=8.0,
+                         residual_multiplier=0.22, attention_multiplier=0.0625, tie_word_embeddings=True),
+         vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, image_size=24, patch_size=8),
+         image_token_index=255, image_grid_pinpoints=[[24, 24], [24, 48], [48, 24], [48, 48]],
+         vision_feature_layer=[-2, -1], vision_feature_select_strategy="full", projector_hidden_act="gelu",
+         multimodal_projector_bias=True, tie_word_embeddings=True),
+    transforms={"model": "logits_scaling", "language_model": "logits_scaling"},
+    notes=["FMS's side is fed the hub checkpoint layout (vision_tower.vision_model.*): transformers 5.17 saves "
+           "SiglipVisionModel without vision_model., which FMS 1.13.1's llava_next adapter does not read",
+           "tiny vision tower of 3 x 3 patches: FMS's SDPA reads the k/v layout from key.shape[1] != kvheads "
+           "(fms/modules/attention.py), so a sequence as long as the number of kv heads is mis-read"]))
 
 
 def plugin(name: str) -> PairPlugin:
