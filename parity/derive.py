@@ -190,43 +190,68 @@ class _Tags:
         start = int(self.starts[sid])
         return torch.arange(start + 1, start + 1 + int(self.numels[sid]), dtype=torch.float64).reshape(self.shapes[sid])
 
-    def decode(self, tensor: torch.Tensor) -> _Lineage:
-        if not tensor.is_floating_point() or tensor.dtype != torch.float64:
-            # an integer buffer, or a tensor the adapter cast: it carries no tags
-            return _Lineage(frozenset(), "untracked", tensor.numel())
-        v = tensor.detach().reshape(-1)
+    def _locate(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For tag values ``v``: (valid, storage id or -1, element index in that storage)."""
         valid = (v >= 1) & (v <= self.total) & (v == torch.round(v))
-        g = (v.clamp(min=1) - 1).to(torch.int64)
+        g = (v.clamp(min=1, max=max(self.total, 1)) - 1).to(torch.int64)
         sid = torch.searchsorted(self.starts, g, right=True) - 1
         elem = g - self.starts[sid]
-        sid = torch.where(valid, sid, torch.full_like(sid, -1))
-        untracked = int((~valid).sum())
-        sources = frozenset(int(s) for s in torch.unique(sid[valid]).tolist()) if v.numel() else frozenset()
-        relation = self._relation(tensor, sid, elem, sources, untracked)
-        lin = _Lineage(sources, relation, untracked)
-        if tensor.dim() >= 1 and tensor.shape[0] > 0 and v.numel():
-            rows = tensor.shape[0]
-            per = v.numel() // rows
-            s2, e2 = sid.view(rows, per), elem.view(rows, per)
-            first_sid, first = s2[:, 0], e2[:, 0]
-            src_row = torch.tensor([self.numels[s] // self.shapes[s][0] if s >= 0 and self.shapes[s] else 1
-                                    for s in first_sid.tolist()], dtype=torch.int64)
-            ok = ((s2 == first_sid[:, None]).all(1) & (first_sid >= 0) & (src_row == per) & (first % src_row == 0)
-                  & (e2 == first[:, None] + torch.arange(per)).all(1))
-            lin.row_sid, lin.row_q, lin.row_ok = first_sid, first // src_row.clamp(min=1), ok
+        return valid, torch.where(valid, sid, torch.full_like(sid, -1)), elem
+
+    def decode(self, tensor: torch.Tensor, chunk: int = 1 << 22) -> _Lineage:
+        """The lineage of one adapted tensor, row by row (dim 0): each row's first tag names its source storage and
+        row; the row is that whole source row when its tags run on by one to the row's end. Only rows that are not
+        are decoded element by element, ``chunk`` elements at a time, so a full-size embedding decodes in the memory
+        of a few chunks."""
+        if not tensor.is_floating_point() or tensor.dtype != torch.float64 or tensor.numel() == 0:
+            # an integer buffer, or a tensor the adapter cast: it carries no tags
+            return _Lineage(frozenset(), "untracked", tensor.numel())
+        rows = tensor.shape[0] if tensor.dim() >= 1 else 1
+        v = tensor.detach().reshape(rows, -1)
+        per = v.shape[1]
+        valid, sid, elem = self._locate(v[:, 0])
+        ok = valid & (v[:, -1] - v[:, 0] == per - 1)
+        step = max(1, chunk // max(per, 1))
+        if per > 1:
+            for r in range(0, rows, step):
+                part = v[r:r + step]
+                ok[r:r + step] &= ((part[:, 1:] - part[:, :-1]) == 1).all(1)
+        numel_s = self.numels[sid.clamp(min=0)]
+        rows_s = torch.tensor([self.shapes[s][0] if self.shapes[s] else 1 for s in range(len(self.shapes))],
+                              dtype=torch.int64)[sid.clamp(min=0)] if self.shapes else torch.ones_like(sid)
+        src_row = (numel_s // rows_s.clamp(min=1)).clamp(min=1)
+        ok &= (src_row == per) & (elem % src_row == 0) & (elem + per <= numel_s)
+        sources = set(int(x) for x in torch.unique(sid[ok]).tolist())
+        untracked = 0
+        bad = torch.nonzero(~ok).flatten()
+        for r0 in range(0, bad.numel(), step):
+            idx = bad[r0:r0 + step]
+            vb, sb, _ = self._locate(v[idx].reshape(-1))
+            untracked += int((~vb).sum())
+            sources.update(int(x) for x in torch.unique(sb[vb]).tolist())
+        q = elem // src_row
+        lin = _Lineage(frozenset(sources), "", untracked, row_sid=torch.where(ok, sid, torch.full_like(sid, -1)),
+                       row_q=q, row_ok=ok)
+        lin.relation = self._relation(tensor, lin, per)
+        if tensor.dim() == 0:
+            lin.row_sid = lin.row_q = lin.row_ok = None
         return lin
 
-    def _relation(self, tensor, sid, elem, sources, untracked) -> str:
-        if untracked == tensor.numel():
+    def _relation(self, tensor, lin: _Lineage, per: int) -> str:
+        if lin.untracked == tensor.numel():
             return "untracked"
-        if len(sources) > 1:
+        if len(lin.sources) > 1:
             return "fused"
-        (s,) = tuple(sources)
-        if untracked:
+        if not lin.sources:
+            return "untracked"
+        (s,) = tuple(lin.sources)
+        if lin.untracked:
             return "partly untracked"
         if tensor.numel() < int(self.numels[s]):
             return "slice"
-        if torch.equal(elem, torch.arange(tensor.numel())):
+        if not bool(lin.row_ok.all()):
+            return "permute"
+        if torch.equal(lin.row_q, torch.arange(lin.row_q.numel())):
             return "identity" if tuple(tensor.shape) == self.shapes[s] else "reshape"
         return "permute"
 
@@ -287,11 +312,17 @@ def _lineage(hf: nn.Module, fms: nn.Module, architecture: str, source: str, adap
     peak = 0
     for group in _groups(key_sid):
         tagged: dict[str, torch.Tensor] = {}
+        made: dict[int, torch.Tensor] = {}  # tied keys in one group share one tagged tensor, as they share storage
         for key in group:
             sid = key_sid[key]
             t = hf_sd[key]
-            tagged[key] = tags.tag(sid) if sid is not None else torch.zeros(t.shape, dtype=t.dtype)
-        peak = max(peak, sum(t.numel() * t.element_size() for t in tagged.values()))
+            if sid is None:
+                tagged[key] = torch.zeros(t.shape, dtype=t.dtype)
+            else:
+                if sid not in made:
+                    made[sid] = tags.tag(sid)
+                tagged[key] = made[sid]
+        peak = max(peak, sum(t.numel() * t.element_size() for t in {id(v): v for v in tagged.values()}.values()))
         try:
             disk = to_checkpoint(tagged) if to_checkpoint is not None else tagged
         except Exception as err:  # noqa: BLE001 - transformers' reverse conversion, any failure is a verdict
@@ -305,7 +336,7 @@ def _lineage(hf: nn.Module, fms: nn.Module, architecture: str, source: str, adap
                                   f"keys {part[0]}...: {_first_line(err)}") from None
             for k, t in adapted.items():
                 lineage[k] = tags.decode(t)
-        del tagged, disk
+        del tagged, disk, made
     return tags, key_sid, lineage, peak
 
 
