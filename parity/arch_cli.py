@@ -70,6 +70,7 @@ def map_(args) -> int:
     try:
         built = p.build("float32", seed=0, variant=args.variant or "tiny", checkpoint=args.checkpoint,
                         fused_weights=not getattr(args, "unfused", False))
+        p._pair = getattr(built, "pair", None)
         dmap = derived_map(built, p, p.inputs(p.default_case, built.hf_config))
     except (BuildError, DeriveError) as err:
         print(f"parity map --architecture {p.name}: FAIL: {err}")
@@ -80,6 +81,10 @@ def map_(args) -> int:
           f"{built.architecture!r} 'hf' adapter ({'cached' if dmap.cached else f'{dmap.seconds:.2f} s'}), "
           "0 written by hand")
     print(tabulate(rows, headers=("row", "HF module", "FMS module", "relation", "gather")))
+    unfilled = [k for k, v in dmap.tensors.items() if v == "not filled by the adapter"]
+    if unfilled or dmap.unused:
+        print(f"\nFMS tensors no checkpoint key fills: {', '.join(unfilled) or 'none'}; adapted keys FMS does not "
+              f"have: {', '.join(dmap.unused) or 'none'}")
     print(f"\nunpaired ({len(dmap.unpaired)}):")
     for u in dmap.unpaired:
         print(f"  {u.side} {u.path or '<model>'}: {u.reason}")

@@ -114,6 +114,7 @@ class DerivedMap:
             (with the HF sources), ``alias of NAME`` (tied in FMS), or ``not filled by the adapter``.
         seconds: wall time of the derivation (0 when read from the cache); cached: it came from the cache.
         hf_tensors: HF tensors tagged (tied ones once). peak_group_mib: float64 MiB of the largest tagged group.
+        unused: keys the adapter produced that name no FMS tensor (a checkpoint FMS would load only in part).
     """
 
     architecture: str
@@ -124,6 +125,7 @@ class DerivedMap:
     cached: bool = False
     hf_tensors: int = 0
     peak_group_mib: float = 0.0
+    unused: list[str] = field(default_factory=list)
 
     def pair(self, name: str) -> DerivedPair:
         """The row named ``name`` (KeyError naming the closest rows when absent)."""
@@ -144,14 +146,15 @@ class DerivedMap:
     def to_dict(self) -> dict:
         return {"architecture": self.architecture, "pairs": [p.to_dict() for p in self.pairs],
                 "unpaired": [dataclasses.asdict(u) for u in self.unpaired], "tensors": self.tensors,
-                "hf_tensors": self.hf_tensors, "peak_group_mib": self.peak_group_mib, "seconds": self.seconds}
+                "hf_tensors": self.hf_tensors, "peak_group_mib": self.peak_group_mib, "seconds": self.seconds,
+                "unused": self.unused}
 
     @classmethod
     def from_dict(cls, data: dict) -> "DerivedMap":
         return cls(architecture=data["architecture"], pairs=[DerivedPair.from_dict(p) for p in data["pairs"]],
                    unpaired=[Unpaired(**u) for u in data["unpaired"]], tensors=dict(data.get("tensors") or {}),
                    seconds=float(data.get("seconds", 0.0)), hf_tensors=int(data.get("hf_tensors", 0)),
-                   peak_group_mib=float(data.get("peak_group_mib", 0.0)))
+                   peak_group_mib=float(data.get("peak_group_mib", 0.0)), unused=list(data.get("unused") or []))
 
 
 # -- lineage ----------------------------------------------------------------------------------------------------------
@@ -530,7 +533,7 @@ def derive(hf: nn.Module, fms: nn.Module, architecture: str, *, source: str = "h
     return out
 
 
-_VERSION = 2  # bump when the derivation changes what it returns (invalidates the cache)
+_VERSION = 3  # bump when the derivation changes what it returns (invalidates the cache)
 
 
 def _transformers_layout(hf: nn.Module) -> Optional[Callable[[dict], dict]]:
@@ -750,7 +753,8 @@ def _derive(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclud
     unpaired = [u for u in unpaired if (u.path not in in_rows_f if u.side == "fms" else u.path not in in_rows_h)]
     unpaired.sort(key=lambda u: (u.side, u.path))
     return DerivedMap(architecture=architecture, pairs=pairs, unpaired=unpaired, tensors=tensors,
-                      hf_tensors=len(tags.names), peak_group_mib=peak / 2 ** 20)
+                      hf_tensors=len(tags.names), peak_group_mib=peak / 2 ** 20,
+                      unused=sorted(k for k in lineage if k not in fms_sd))
 
 
 def _gather(path: str, hf_mods, key_sid, row_home, tags) -> Optional[tuple[list[str], Optional[tuple[int, ...]]]]:

@@ -528,6 +528,70 @@ register(LlavaNextPlugin(
            "(fms/modules/attention.py), so a sequence as long as the number of kv heads is mis-read"]))
 
 
+class GraniteSpeechPlugin(PairPlugin):
+    """The project's own pair, HF ``GraniteSpeechForConditionalGeneration`` against the FMS ``granite_speech``
+    model, through the derived map: built by ``parity.pair.build_pair`` (the LoRA adapter attached on HF's side,
+    merged on FMS's), both fed HF's pipeline output for the shipped clip (``parity diff`` without
+    ``--architecture`` also compares the two pipelines). Hints: the LoRA tensors stay out of the lineage (FMS's
+    adapter merges them arithmetically into q/v), the model outputs differ by ``logits_scaling``, and the
+    project's adapter reads transformers' runtime names, so no checkpoint layout change."""
+
+    default_case = "speech"
+
+    def build(self, dtype=torch.float32, seed=0, variant="tiny", checkpoint=None, fused_weights=True):
+        from parity.pair import build_pair
+
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).replace("torch.", "")
+        try:
+            pair = build_pair(variant=None if checkpoint else variant, checkpoint=checkpoint, seed=seed, dtype=dtype,
+                              fused_weights=fused_weights)
+        except (ValueError, FileNotFoundError) as err:
+            raise BuildError("pair", _first_line(err)) from None
+        prov = {"architecture": self.name, "hf_class": self.hf_class, "fms_architecture": "granite_speech",
+                "variant": None if checkpoint else variant, "checkpoint": str(checkpoint) if checkpoint else None,
+                "seed": seed, "dtype": dtype, "device": "cpu", "fused_weights": fused_weights}
+        built = BuiltPair(hf=pair.hf, fms=pair.fms, hf_config=pair.hf.config, architecture="granite_speech",
+                          dtype=getattr(torch, dtype), notes=list(self.notes), provenance=prov)
+        built.pair = pair  # type: ignore[attr-defined]
+        return built
+
+    def to_checkpoint(self, hf):
+        return lambda sd: sd
+
+    def cases(self, cfg):
+        return ["speech"]
+
+    def inputs(self, case, cfg, seed=0, built=None):
+        if case != "speech":
+            raise ValueError(f"case {case!r} does not apply to {self.name} (its case: speech; `parity diff` without "
+                             "--architecture runs the Granite Speech cases)")
+        from parity.inputs import build_inputs
+
+        x = build_inputs(self._pair, same_inputs=True)
+        valid = torch.ones(x.input_ids.shape, dtype=torch.bool)
+        out = TextInputs(case="speech", input_ids=x.input_ids, attention_mask=valid.long(),
+                         position_ids=torch.arange(x.input_ids.shape[1])[None], fms_kwargs={}, valid=valid)
+        out.extra = {"input_features": x.input_features, "input_features_mask": x.input_features_mask}
+        return out
+
+    def run_hf(self, hf, x):
+        feats = x.extra["input_features"].to(next(hf.parameters()).dtype)
+        return hf(input_ids=x.input_ids, input_features=feats, input_features_mask=x.extra["input_features_mask"],
+                  use_cache=False)
+
+    def run_fms(self, fms, x):
+        feats = x.extra["input_features"].to(next(fms.parameters()).dtype)
+        return fms(x.input_ids, input_features=feats, input_features_mask=x.extra["input_features_mask"])
+
+
+register(GraniteSpeechPlugin(
+    "granite_speech", "GraniteSpeechForConditionalGeneration", "granite_speech", {},
+    exclude=(r"lora_",), transforms={"model": "logits_scaling"},
+    notes=["both models are fed HF's pipeline output (the pipelines are compared by `parity diff` without "
+           "--architecture)", "LoRA tensors are left out of the derived lineage: FMS's adapter merges them into q/v"]))
+
+
 def plugin(name: str) -> PairPlugin:
     """The registered plugin ``name``.
 
