@@ -259,19 +259,33 @@ class PairPlugin:
         except Exception as err:  # noqa: BLE001
             raise BuildError("checkpoint layout", f"transformers' revert_weight_conversion: {_first_line(err)}") \
                 from None
+        unused: list[str] = []
+
+        class _Unused(logging.Handler):  # FMS logs the adapted keys it did not copy; a coverage failure names them
+            def emit(self, record):
+                text = record.getMessage()
+                if "not copied into model" in text:
+                    unused.append(text.split(":", 1)[-1].strip())
+
+        handler = _Unused()
+        logging.getLogger("fms").addHandler(handler)
         try:
             with _quiet():
+                logging.getLogger("fms").setLevel(logging.WARNING)
                 serialization.load_state_dict_into_model(fms, sd, arch, "hf")
         except Exception as err:  # noqa: BLE001
             raise BuildError("FMS adapter", f"FMS's {arch!r} 'hf' adapter on transformers' checkpoint: "
                                             f"{_first_line(err)}") from None
+        finally:
+            logging.getLogger("fms").removeHandler(handler)
         post = getattr(fms, "post_init", None)
         if callable(post):
             post()
         missing = [n for n, p in fms.named_parameters() if p.is_floating_point() and bool(torch.isnan(p).any())]
         if missing:
+            left = f"; adapted keys FMS did not copy: {unused[0][:200]}" if unused else ""
             raise BuildError("coverage", f"{len(missing)} FMS parameter(s) not filled by the checkpoint: "
-                                         f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+                                         f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}{left}")
         fms.to(dtype).eval()
 
     def build(self, dtype: Union[str, torch.dtype] = torch.float32, seed: int = 0, variant: str = "tiny",
@@ -363,8 +377,9 @@ class PairPlugin:
 
 
 def _lm(hidden=64, layers=3, heads=4, kv=2, inter=128, vocab=256, **extra) -> dict:
+    extra = {"bos_token_id": 1, "eos_token_id": 2, "max_position_embeddings": 128, **extra}
     return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=128, **extra)
+                num_key_value_heads=kv, vocab_size=vocab, **extra)
 
 
 ARCHITECTURES: dict[str, PairPlugin] = {}
@@ -382,7 +397,7 @@ register(PairPlugin("granite", "GraniteForCausalLM", "granite",
 register(PairPlugin("llama", "LlamaForCausalLM", "llama", _lm()))
 register(PairPlugin("gpt_bigcode", "GPTBigCodeForCausalLM", "gpt_bigcode",
                     dict(n_embd=64, n_layer=3, n_head=4, n_inner=256, vocab_size=256, n_positions=128,
-                         multi_query=True)))
+                         multi_query=True, bos_token_id=1, eos_token_id=2)))
 
 
 register(PairPlugin("mistral", "MistralForCausalLM", "mistral", _lm(inter=256, sliding_window=16),
@@ -420,6 +435,16 @@ register(PairPlugin("bamba", "BambaForCausalLM", "bamba",
 register(PairPlugin("bert", "BertForMaskedLM", "bert",
                     dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, max_position_embeddings=128, pad_token_id=0), causal=False))
+
+
+register(PairPlugin("gpt_oss", "GptOssForCausalLM", "gpt_oss",
+                    _lm(inter=64, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=128,
+                        max_position_embeddings=4096),
+                    notes=["FMS's gpt_oss fixes the expert width to the model width, the sliding window to 128 and "
+                           "YaRN's original length to max_expected_seq_len: the tiny config keeps to those"]))
+register(PairPlugin("mpnet", "MPNetForMaskedLM", "mpnet",
+                    dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=130, pad_token_id=1), causal=False))
 
 
 class LlavaNextPlugin(PairPlugin):

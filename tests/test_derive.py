@@ -185,11 +185,17 @@ def test_mistral_beyond_its_sliding_window_fails_in_the_attention():
     assert result.first_failure().explanation["introduced_in"] == "base_model.layers.0.attn"
 
 
-def test_mixtral_fails_at_the_named_build_step():
+@pytest.mark.parametrize("name,step,needles", [
+    ("mixtral", "FMS model", ("nheads % self.config.kvheads", "kv_heads")),
+    ("gpt_oss", "coverage", ("cond_ffn.w13", "experts.gate_up_proj")),
+    ("mpnet", "coverage", ("base_model.word_embedding.weight",)),
+])
+def test_pairs_fms_cannot_take_fail_at_the_named_step(name, step, needles):
     with pytest.raises(BuildError) as err:
-        plugin("mixtral").build("float32")
-    assert err.value.step == "FMS model"
-    assert "nheads % self.config.kvheads" in str(err.value) and "kv_heads" in str(err.value)
+        plugin(name).build("float32")
+    assert err.value.step == step
+    for needle in needles:
+        assert needle in str(err.value)
 
 
 # -- planted bugs, each named where it starts ------------------------------------------------------------------------
