@@ -208,8 +208,9 @@ def _key(result) -> tuple[str, str]:
 
 def _committed(result) -> bool:
     """Whether committed per-group bounds judge this result: not for reduced precision with a float64 reference,
-    whose per-row bounds come from that run itself (the engine's verdict)."""
-    return result.reference != "float64"
+    whose per-row bounds come from that run itself (the engine's verdict), nor for a derived-map run of another
+    architecture (``parity.engine``: its bounds come from HF's float64 run of the same weights in every dtype)."""
+    return result.reference != "float64" and result.sections != ["model"]  # derived-map runs: float64 bounds
 
 
 def make_baseline(results: Mapping[str, object], margin: float = DEFAULT_MARGIN,

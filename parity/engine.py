@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from parity._json import json_safe
 from parity.capture import first_tensor
 from parity.derive import CONCAT, GATHER, SAME, DerivedMap, DerivedPair, derive, probe_outputs
 from parity.metrics import TensorDiff, Tolerance, compare_tensors, default_tolerance, rounding_tolerance
@@ -393,7 +394,7 @@ def run_architecture(plugin, *, dtype: str = "float32", case: Optional[str] = No
     return ParityResult(
         layers=layer_results, requested=requested, first_divergent=first.name if first else None,
         sections=["model"], tolerance=None, provenance=built.provenance, inputs=inputs.describe(),
-        config=cfg.to_dict() if hasattr(cfg, "to_dict") else {}, versions=versions(), notes=notes,
+        config=json_safe(cfg.to_dict()) if hasattr(cfg, "to_dict") else {}, versions=versions(), notes=notes,
         excluded=[{"name": u.path or "<model>", "side": u.side, "hf": u.path if u.side == "hf" else "-",
                    "fms": u.path if u.side == "fms" else "-", "reason": u.reason} for u in dmap.unpaired],
         elapsed_s=time.perf_counter() - start, mode="eager",
