@@ -161,3 +161,88 @@ def diff(args, argv: Sequence[str], cases: Sequence[str], progress=None) -> int:
     else:
         print("report: " + " ".join(str(x) for x in paths))
     return EXIT_PASS if all(r.passed for _, r in runs) else EXIT_FAIL
+
+
+def check_generate(args, found: list[str]) -> None:
+    """Problems of ``parity generate --architecture`` (appended to ``found``)."""
+    from parity.models import plugin
+
+    try:
+        p = plugin(args.architecture)
+    except ValueError as err:
+        found.append(str(err))
+        return
+    for attr, flag in (("audio", "--audio"), ("text_only", "--text-only"), ("prompt", "--prompt"),
+                       ("static", "--static"), ("compile", "--compile"), ("tied_head", "--tied-head"),
+                       ("eos_token_id", "--eos-token-id"), ("checkpoint", "--checkpoint"), ("variant", "--variant")):
+        if getattr(args, attr, None) not in (None, False):
+            found.append(f"{flag} is not available with --architecture (a tiny pair, seeded prompts, no stop token)")
+    if getattr(args, "device", "cpu") != "cpu":
+        found.append("--architecture runs on the CPU; drop --device")
+    if args.dtype == "float64":
+        found.append("--dtype float64 is the bounds' reference; compare float32, bfloat16 or float16")
+    if args.max_new_tokens < 1:
+        found.append(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not p.causal or p.default_case != "prompt":
+        found.append(f"{p.name} is not a causal LM fed tokens: parity generate --architecture takes "
+                     f"{', '.join(n for n, q in _causal().items())}")
+
+
+def _causal() -> dict:
+    from parity.models import ARCHITECTURES
+
+    return {n: q for n, q in ARCHITECTURES.items() if q.causal and q.default_case == "prompt"}
+
+
+def generate(args) -> int:
+    """``parity generate --architecture NAME``: greedy tokens on both sides, then the teacher-forced comparison."""
+    import json
+
+    import torch
+
+    from parity._atomic import write_atomic
+    from parity.arch_generate import generate_architecture, required_distinct
+    from parity.derive import DeriveError
+    from parity.models import BuildError, plugin
+    from parity.progress import reporter
+    from parity.report import format_table, summary_lines
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    p = plugin(args.architecture)
+    label = f"parity generate --architecture {p.name}"
+    progress = reporter("parity generate", quiet=args.quiet)
+    try:
+        built = None
+        if args.unfused:
+            built = p.build(args.dtype, seed=args.seed, fused_weights=False)
+        g = generate_architecture(p, dtype=args.dtype, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  built=built, progress=progress)
+    except (BuildError, DeriveError) as err:
+        print(f"{label}: FAIL: {err}")
+        return EXIT_FAIL
+    finally:
+        if progress is not None:
+            progress.close()
+    payload = {"architecture": p.name, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+               "weight_seed": g.weight_seed, "prompt_seed": g.prompt_seed, "hf_tokens": g.hf_tokens,
+               "fms_tokens": g.fms_tokens, "first_mismatch": g.first_mismatch, "varied": g.varied,
+               "fms_error": g.fms_error, "verdict": g.verdict(), "passed": g.passed,
+               "forward": None if g.forward is None else g.forward.to_dict()}
+    if args.json == "-":
+        print(json.dumps(payload, indent=1, allow_nan=False, default=str))
+    else:
+        print(f"{label}: {p.hf_class} generate vs FMS generate (KV cache), {args.dtype}, {args.max_new_tokens} "
+              f"greedy tokens, weight seed {g.weight_seed}, prompt seed {g.prompt_seed} (the first whose HF "
+              f"continuation has >= {required_distinct(args.max_new_tokens)} distinct tokens)")
+        print(f"HF : {g.hf_tokens}")
+        print(f"FMS: {g.fms_tokens}")
+        if g.forward is not None and not g.forward.passed:
+            print(format_table(g.forward, names=[r.name for r in g.forward.layers if not r.passed][:12]))
+        if g.forward is not None:
+            for line in summary_lines(g.forward):
+                print(f"teacher-forced: {line}")
+        print(g.verdict())
+        if args.json:
+            write_atomic(args.json, json.dumps(payload, indent=1, allow_nan=False, default=str) + "\n")
+    return EXIT_PASS if g.passed else EXIT_FAIL

@@ -3,6 +3,7 @@
     parity map [--variant tiny | --checkpoint DIR] [--expand]
     parity map --architecture NAME [--unfused]
     parity diff --architecture NAME [--layer ROW ...] [--cases NAME,...|all] [--dtype D] [--seed N] [--unfused]
+    parity generate --architecture NAME [--max-new-tokens N] [--dtype D] [--seed N] [--unfused]
     parity diff [--layer NAME ...] [--cases NAME,...] [--variant tiny | --checkpoint DIR] [--audio PATH ...]
                 [--prompt TEXT] [--same-inputs] [--dtype D] [--device D] [--seed N] [--threads N] [--unfused]
                 [--mode eager|compiled|drift] [--compile regional|pieces|whole] [--compile-backend B]
@@ -171,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_weights(p)
 
     p = sub.add_parser("generate", help="greedy generation on both models: first differing token, per-step logits")
+    p.add_argument("--architecture", default=None, metavar="NAME",
+                   help="a causal-LM pair of another FMS architecture (granite, llama, ...): HF generate against "
+                        "FMS generate with its KV cache, then every layer teacher-forced on HF's sequence")
     p.add_argument("--audio", action="append", default=None, metavar="PATH",
                    help="16 kHz mono audio file (repeatable: a batch; default: the shipped clip)")
     p.add_argument("--text-only", action="store_true", help="no audio: a text prompt, LoRA adapter off on both sides")
@@ -649,6 +653,18 @@ def _cmd_repro(args, argv) -> int:
 
 
 def _cmd_generate(args, argv) -> int:
+    if args.architecture:
+        from parity import arch_cli
+
+        found = []
+        arch_cli.check_generate(args, found)
+        _check_common(args, found)
+        _check_out(args.json, "--json", found)
+        _problems(found)
+        try:
+            return arch_cli.generate(args)
+        except (ValueError, OSError) as err:
+            raise _UsageError(_first_line(err)) from None
     found: list[str] = []
     _counts(args, found)
     if args.text_only and args.audio:

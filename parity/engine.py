@@ -229,7 +229,7 @@ def derived_map(built, plugin, inputs, cache: bool = True) -> DerivedMap:
 
 def run_architecture(plugin, *, dtype: str = "float32", case: Optional[str] = None, seed: int = 0, variant: str = "tiny",
                      checkpoint=None, layers: Optional[Sequence[str]] = None, fused_weights: bool = True,
-                     built=None, progress=None, command: Optional[str] = None) -> ParityResult:
+                     built=None, progress=None, command: Optional[str] = None, inputs=None) -> ParityResult:
     """Compare the plugin's pair row by row on the named ``case``.
 
     Args:
@@ -238,6 +238,8 @@ def run_architecture(plugin, *, dtype: str = "float32", case: Optional[str] = No
         case: one of ``parity.models.CASES`` that applies to the architecture (default: the plugin's
             ``default_case``).
         layers: row names (or prefixes) the verdict is about; default every row.
+        inputs: a ``parity.models.TextInputs`` to run instead of a named case (``parity generate`` feeds HF's
+            generated sequence).
 
     Returns:
         ParityResult (``first_divergent``: the first failing row in HF's execution order).
@@ -256,7 +258,8 @@ def run_architecture(plugin, *, dtype: str = "float32", case: Optional[str] = No
         built = plugin.build(dtype, seed=seed, variant=variant, checkpoint=checkpoint, fused_weights=fused_weights)
     cfg = built.hf_config
     plugin._pair = getattr(built, "pair", None)  # the Granite Speech plugin feeds its pipeline from the built pair
-    inputs = plugin.inputs(case or plugin.default_case, cfg, seed)
+    if inputs is None:
+        inputs = plugin.inputs(case or plugin.default_case, cfg, seed)
     say("deriving the module map from FMS's adapter")
     dmap = derived_map(built, plugin, inputs)
     rows = _rows(dmap, built.hf)

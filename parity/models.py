@@ -397,7 +397,7 @@ register(PairPlugin("granite", "GraniteForCausalLM", "granite",
 register(PairPlugin("llama", "LlamaForCausalLM", "llama", _lm()))
 register(PairPlugin("gpt_bigcode", "GPTBigCodeForCausalLM", "gpt_bigcode",
                     dict(n_embd=64, n_layer=3, n_head=4, n_inner=256, vocab_size=256, n_positions=128,
-                         multi_query=True, bos_token_id=1, eos_token_id=2)))
+                         multi_query=True, bos_token_id=1, eos_token_id=2, initializer_range=0.2)))
 
 
 register(PairPlugin("mistral", "MistralForCausalLM", "mistral", _lm(inter=256, sliding_window=16),
@@ -425,7 +425,7 @@ register(PairPlugin("mixtral", "MixtralForCausalLM", "mixtral", _lm(num_local_ex
 register(PairPlugin("granite_swa", "GraniteSWAForCausalLM", "granite_swa",
                     _lm(sliding_window=8, layer_types=["full_attention", "sliding_attention", "full_attention"],
                         pad_token_id=0, embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
-                        attention_multiplier=0.0625)))
+                        attention_multiplier=0.0625, tie_word_embeddings=False)))
 register(PairPlugin("bamba", "BambaForCausalLM", "bamba",
                     _lm(inter=256, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1,
                         mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, pad_token_id=0),

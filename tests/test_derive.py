@@ -310,3 +310,54 @@ def test_registry_names_match_fms_architectures():
     fms_arch = hf_architectures()
     for name, p in ARCHITECTURES.items():
         assert fms_arch.get(p.hf_class) == name, name
+
+
+# -- generation -------------------------------------------------------------------------------------------------------
+
+
+def test_generate_llama_is_token_identical_and_conclusive():
+    from parity.arch_generate import generate_architecture, required_distinct
+
+    g = generate_architecture(plugin("llama"), max_new_tokens=12, seed=1)
+    assert g.varied and len(set(g.hf_tokens)) >= required_distinct(12)
+    assert g.hf_tokens == g.fms_tokens and g.passed, g.verdict()
+    assert len(g.forward.layers) >= 40 and g.forward.passed
+
+
+def test_generate_names_a_kv_cache_bug_only_generation_shows():
+    """A planted decode-only bug: cached steps read the cached values halved (the prompt's forward is right, so
+    the teacher-forced comparison passes; only the tokens catch it)."""
+    from parity.arch_generate import generate_architecture
+
+    p = plugin("llama")
+    b = p.build("float32", seed=1)
+    forward = b.fms.forward
+
+    def halved_cache(x, *args, past_key_value_states=None, **kw):
+        if past_key_value_states:
+            past_key_value_states = [(k, v * 0.5) for k, v in past_key_value_states]
+        return forward(x, *args, past_key_value_states=past_key_value_states, **kw)
+
+    b.fms.forward = halved_cache
+    g = generate_architecture(p, max_new_tokens=12, built=b)
+    assert g.varied and g.first_mismatch is not None and not g.passed
+    assert g.forward.passed  # the forward on HF's sequence is right: the cache path is what differs
+    assert g.verdict().startswith(f"FAIL: token {g.first_mismatch} differs")
+
+
+def test_generate_mistral_fails_once_the_sequence_passes_its_window():
+    from parity.arch_generate import generate_architecture
+
+    g = generate_architecture(plugin("mistral"), max_new_tokens=12, seed=1)
+    window = plugin("mistral").tiny["sliding_window"]
+    assert g.first_mismatch is not None and 12 + g.first_mismatch >= window
+    assert g.forward.first_divergent == "base_model.layers.0.attn.dense.input"
+
+
+def test_cli_generate_architecture(capsys):
+    from parity.cli import main
+
+    assert main(["generate", "--architecture", "qwen3", "--max-new-tokens", "9", "--quiet"]) == 0
+    assert "PASS: tokens identical" in capsys.readouterr().out
+    assert main(["generate", "--architecture", "bert"]) == 2
+    assert "not a causal LM" in capsys.readouterr().err
