@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from fms_granite_speech import _fms_compat
-from fms_granite_speech.config import GraniteSpeechConfig, LoRAConfig, get_config
+from fms_granite_speech.config import MODEL_TYPES, GraniteSpeechConfig, LoRAConfig, get_config
 from fms_granite_speech.folder import (ADAPTER_WEIGHTS, CheckpointFolderError, check_checkpoint_folder,
                                        check_safetensors_folder)
 from fms_granite_speech.lora import ADAPTER_CONFIG, read_lora_config
@@ -40,9 +40,9 @@ def read_config(path: Union[str, Path], variant: Optional[str] = None, lora: Opt
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointFolderError(f"{file} is not readable JSON ({err}); restore the checkpoint's config.json") \
             from None
-    if not isinstance(raw, dict) or raw.get("model_type") != "granite_speech":
+    if not isinstance(raw, dict) or raw.get("model_type") not in MODEL_TYPES:
         got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
-        raise CheckpointFolderError(f"{file}: model_type={got!r}, expected 'granite_speech'")
+        raise CheckpointFolderError(f"{file}: model_type={got!r}, expected one of {', '.join(MODEL_TYPES)}")
     try:
         config = GraniteSpeechConfig.from_hf(raw).replace(lora=lora)
     except (TypeError, KeyError, AttributeError) as err:

@@ -29,6 +29,10 @@ from fms.models.granite import GraniteConfig
 from fms.utils.config import ModelConfig
 
 
+# transformers model types this port reads: Granite Speech 3.3 / 4.0 / 4.1 and Granite Speech Plus (4.1-2b-plus)
+MODEL_TYPES = ("granite_speech", "granite_speech_plus")
+
+
 @dataclass
 class EncoderConfig(ModelConfig):
     """Conformer CTC encoder. Widths in features; ``context_size`` in encoder frames (1 frame = 20 ms)."""
@@ -45,8 +49,21 @@ class EncoderConfig(ModelConfig):
     conv_kernel_size: int = 15
     conv_expansion_factor: int = 2
     layer_norm_eps: float = 1e-5
+    # Granite Speech Plus (transformers' GraniteSpeechPlusEncoderConfig.cat_hidden_layers; granite-speech-4.1-2b-plus
+    # uses [3]): the hidden states after these many blocks (0: after input_linear) are concatenated, in that order,
+    # before the final output along the feature dimension, which the projector then reads.
+    cat_hidden_layers: Optional[tuple] = None
 
     def __post_init__(self):
+        if self.cat_hidden_layers is not None:
+            layers = tuple(self.cat_hidden_layers)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ValueError(f"cat_hidden_layers={list(layers)} must hold block counts (integers)")
+            bad = [i for i in layers if not 0 <= i < self.num_layers]
+            if bad or len(set(layers)) != len(layers):
+                raise ValueError(f"cat_hidden_layers={list(layers)}: each index must be distinct and in "
+                                 f"[0, num_layers={self.num_layers}) (the hidden state after that many blocks)")
+            self.cat_hidden_layers = layers or None
         if not 0 < self.context_size <= self.max_pos_emb:
             raise ValueError(
                 f"context_size={self.context_size} must be in (0, max_pos_emb={self.max_pos_emb}]: the Shaw "
@@ -59,6 +76,11 @@ class EncoderConfig(ModelConfig):
     def mid_layer(self) -> int:
         """0-based index of the block after which the CTC residual is added (HF: ``num_layers // 2`` 1-based)."""
         return self.num_layers // 2 - 1
+
+    @property
+    def output_width(self) -> int:
+        """Features per frame the encoder returns: ``hidden_dim`` times (1 + the concatenated hidden states)."""
+        return self.hidden_dim * (1 + len(self.cat_hidden_layers or ()))
 
 
 @dataclass
@@ -144,10 +166,12 @@ class GraniteSpeechConfig(ModelConfig):
             elif not isinstance(value, cls) and not (name == "lora" and value is None):
                 raise TypeError(f"GraniteSpeechConfig.{name} must be a {cls.__name__} or a dict of its fields, got "
                                 f"{type(value).__name__}")
-        if self.projector.encoder_hidden_size != self.encoder.hidden_dim:
+        if self.projector.encoder_hidden_size != self.encoder.output_width:
+            cat = self.encoder.cat_hidden_layers
             raise ValueError(
-                f"projector.encoder_hidden_size={self.projector.encoder_hidden_size} must equal "
-                f"encoder.hidden_dim={self.encoder.hidden_dim}"
+                f"projector.encoder_hidden_size={self.projector.encoder_hidden_size} must equal the encoder's output "
+                f"width {self.encoder.output_width} (hidden_dim={self.encoder.hidden_dim}"
+                + (f" x {1 + len(cat)}: cat_hidden_layers={list(cat)}" if cat else "") + ")"
             )
         if not 0 <= self.audio_token_index < self.decoder.src_vocab_size:
             raise ValueError(
@@ -157,8 +181,18 @@ class GraniteSpeechConfig(ModelConfig):
 
     # -- conversion to / from transformers -------------------------------------------------------------------------
 
+    def hf_class(self):
+        """The transformers model class of this config: ``GraniteSpeechPlusForConditionalGeneration`` when the encoder
+        concatenates hidden states, else ``GraniteSpeechForConditionalGeneration``."""
+        import transformers
+
+        return (transformers.GraniteSpeechPlusForConditionalGeneration if self.encoder.cat_hidden_layers
+                else transformers.GraniteSpeechForConditionalGeneration)
+
     def to_hf(self):
-        """Return the equivalent ``transformers.GraniteSpeechConfig`` (eval-mode dropout values kept at HF defaults)."""
+        """Return the equivalent ``transformers.GraniteSpeechConfig`` (eval-mode dropout values kept at HF defaults);
+        a ``transformers.GraniteSpeechPlusConfig`` when the encoder concatenates hidden states
+        (``encoder.cat_hidden_layers``)."""
         from transformers import GraniteSpeechConfig as HFConfig
 
         e, p, d = self.encoder, self.projector, self.decoder
@@ -196,6 +230,10 @@ class GraniteSpeechConfig(ModelConfig):
             conv_kernel_size=e.conv_kernel_size,
             conv_expansion_factor=e.conv_expansion_factor,
         )
+        if e.cat_hidden_layers:
+            from transformers import GraniteSpeechPlusConfig as HFConfig  # noqa: F811 - the Plus model's config
+
+            encoder_config["cat_hidden_layers"] = list(e.cat_hidden_layers)
         projector_config = dict(
             model_type="blip_2_qformer",
             hidden_size=p.hidden_size,
@@ -230,11 +268,13 @@ class GraniteSpeechConfig(ModelConfig):
                 (a non-"default" RoPE type, attention/MLP biases in the decoder, ``use_qformer_text_input``).
         """
         from transformers import GraniteSpeechConfig as HFConfig
+        from transformers import GraniteSpeechPlusConfig
 
         if isinstance(hf_config, dict):
-            hf_config = HFConfig(**{k: v for k, v in hf_config.items() if k != "model_type"})
-        if getattr(hf_config, "model_type", None) != "granite_speech":
-            raise ValueError(f"expected a granite_speech config, got model_type={hf_config.model_type!r}")
+            cls_ = GraniteSpeechPlusConfig if hf_config.get("model_type") == "granite_speech_plus" else HFConfig
+            hf_config = cls_(**{k: v for k, v in hf_config.items() if k != "model_type"})
+        if getattr(hf_config, "model_type", None) not in MODEL_TYPES:
+            raise ValueError(f"expected a {' or '.join(MODEL_TYPES)} config, got model_type={hf_config.model_type!r}")
         t, ec, pc = hf_config.text_config, hf_config.encoder_config, hf_config.projector_config
         rope = dict(getattr(t, "rope_parameters", None) or {})
         if rope.get("rope_type", "default") != "default":
@@ -280,6 +320,7 @@ class GraniteSpeechConfig(ModelConfig):
                 max_pos_emb=ec.max_pos_emb,
                 conv_kernel_size=ec.conv_kernel_size,
                 conv_expansion_factor=ec.conv_expansion_factor,
+                cat_hidden_layers=tuple(getattr(ec, "cat_hidden_layers", None) or ()) or None,
             ),
             projector=ProjectorConfig(
                 hidden_size=pc.hidden_size,
@@ -574,7 +615,19 @@ _8B = _2B.replace(
     )
 )
 
-VARIANTS: dict[str, GraniteSpeechConfig] = {"tiny": _TINY, "3.3-2b": _2B, "3.3-8b": _8B}
+# Granite Speech Plus (granite-speech-4.1-2b-plus; transformers' GraniteSpeechPlusForConditionalGeneration): the
+# encoder's hidden state after block 3 is concatenated with its final output (cat_hidden_layers [3], the released
+# model per its model card and transformers' GraniteSpeechPlusConfig docs), so the projector's Q-Former
+# cross-attention reads 2 x 1024 = 2048 features. The encoder, projector and decoder widths are 3.3-2b's here: the
+# public sources at hand do not state 4.1's text_config, and a real folder's config.json decides them anyway.
+_PLUS_ENCODER = dict(cat_hidden_layers=(3,))
+_TINY_PLUS = _TINY.replace(encoder=dataclasses.replace(_TINY.encoder, **_PLUS_ENCODER),
+                           projector=dataclasses.replace(_TINY.projector, encoder_hidden_size=2 * 44))
+_2B_PLUS = _2B.replace(encoder=dataclasses.replace(_2B.encoder, **_PLUS_ENCODER),
+                       projector=dataclasses.replace(_2B.projector, encoder_hidden_size=2 * 1024))
+
+VARIANTS: dict[str, GraniteSpeechConfig] = {"tiny": _TINY, "3.3-2b": _2B, "3.3-8b": _8B, "tiny-plus": _TINY_PLUS,
+                                            "4.1-2b-plus": _2B_PLUS}
 
 
 def get_config(variant: str) -> GraniteSpeechConfig:

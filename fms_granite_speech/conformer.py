@@ -308,8 +308,9 @@ class ConformerEncoder(nn.Module):
             return_ctc_logits: also return the CTC logits computed after block ``mid_layer``.
 
         Returns:
-            hidden states [B, T, hidden_dim], or ``(hidden, ctc_logits)`` with ``ctc_logits`` [B, T, output_dim]
-            (pre-softmax) when ``return_ctc_logits``.
+            hidden states [B, T, output_width] (``hidden_dim``, or ``hidden_dim * (1 + len(cat_hidden_layers))``
+            for Granite Speech Plus: the exported hidden states first, in order, then the final one), or
+            ``(hidden, ctc_logits)`` with ``ctc_logits`` [B, T, output_dim] (pre-softmax) when ``return_ctc_logits``.
 
         Raises:
             ValueError: ``input_features`` is not 3-D, has no frames, or its last dimension is not ``input_dim``.
@@ -317,12 +318,20 @@ class ConformerEncoder(nn.Module):
         """
         self._check_input(input_features)
         x = self.input_linear(input_features)
+        cat = self.config.cat_hidden_layers or ()
+        exported = [x] if 0 in cat else []
         ctc_logits = None
         for i, block in enumerate(self.blocks):
             x = block(x, self.attention_dists)
             if i == self.config.mid_layer:
                 ctc_logits = self.out(x)
                 x = x + self.out_mid(ctc_logits.softmax(dim=-1))
+            # transformers exports the hidden state after i + 1 blocks before adding the CTC residual, but adds it
+            # in place, so the exported tensor after block mid_layer holds the residual too: exported after it here
+            if i + 1 in cat:
+                exported.append(x)
+        if exported:
+            x = torch.cat([*exported, x], dim=-1)
         return (x, ctc_logits) if return_ctc_logits else x
 
     def _check_input(self, features: torch.Tensor) -> None:

@@ -170,8 +170,10 @@ def check_checkpoint_folder(path: Union[str, Path]) -> Path:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise CheckpointFolderError(f"{config} is not readable JSON ({err}); restore the checkpoint's config.json") \
             from None
-    if not isinstance(raw, dict) or raw.get("model_type") != "granite_speech":
+    from fms_granite_speech.config import MODEL_TYPES
+
+    if not isinstance(raw, dict) or raw.get("model_type") not in MODEL_TYPES:
         got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
-        raise CheckpointFolderError(f"{config}: model_type={got!r}, expected 'granite_speech'")
+        raise CheckpointFolderError(f"{config}: model_type={got!r}, expected one of {', '.join(MODEL_TYPES)}")
     check_safetensors_folder(path, for_glob=True)
     return path

@@ -3,7 +3,7 @@
 Importing this module (``import fms_granite_speech`` does) makes the model available the way every FMS model is:
 
 * ``fms.models.get_model("granite_speech", variant, model_path=DIR, source="hf")`` for the variants of
-  ``config.VARIANTS`` (``tiny``, ``3.3-2b``, ``3.3-8b``); keyword arguments override config fields
+  ``config.VARIANTS`` (``tiny``, ``3.3-2b``, ``3.3-8b``, ``tiny-plus``, ``4.1-2b-plus``); keyword arguments override config fields
   (``fused_weights=False``, ``decoder={"nlayers": 2}``), ``distributed_strategy="tp"`` shards the decoder;
 * the ``"hf"`` adapter of ``granite_speech``: small pure functions over a (partial) state dict, registered with
   ``fms.utils.serialization.register_adapter_step``, as FMS applies them to the keys of one layer at a time;
@@ -458,3 +458,6 @@ def build_granite_speech_params(hf_config) -> dict:
 
 
 _fms_compat.register_hf_config("GraniteSpeechForConditionalGeneration", ARCHITECTURE, build_granite_speech_params)
+# Granite Speech Plus (granite-speech-4.1-2b-plus) folders name GraniteSpeechPlusForConditionalGeneration: the same FMS
+# model, its encoder concatenating the hidden states config.json lists (encoder_config.cat_hidden_layers)
+_fms_compat.register_hf_config("GraniteSpeechPlusForConditionalGeneration", ARCHITECTURE, build_granite_speech_params)

@@ -92,13 +92,11 @@ def build_hf_model(
     with ``dtype=`` does: HF's float32 buffers such as the rotary ``inv_freq`` stay float32), never as a float32 copy
     first, so a 3.3-2b in bf16 needs bf16 memory only; the random values are drawn one tensor at a time.
     """
-    from transformers import GraniteSpeechForConditionalGeneration
-
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = GraniteSpeechForConditionalGeneration(config.to_hf())
+        model = config.hf_class()(config.to_hf())
         if lora and config.lora is not None:
             add_lora_adapter(model, config.lora)
     finally:

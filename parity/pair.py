@@ -383,12 +383,13 @@ def _tokenizer(path: Path):
 
 
 def _hf_from_checkpoint(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from transformers import GraniteSpeechForConditionalGeneration
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # from_pretrained's per-file bars would bury the parity output
     try:
-        hf = GraniteSpeechForConditionalGeneration.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        hf_class = getattr(transformers, transformers.AutoConfig.from_pretrained(str(path)).architectures[0])
+        hf = hf_class.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ValueError(f"transformers cannot load {path}: {str(err).splitlines()[0]}") from None
     if (path / "adapter_config.json").is_file() and not getattr(hf, "_hf_peft_config_loaded", False):

@@ -143,6 +143,8 @@ VARIANT_LAYERS: dict[str, LayerCounts] = {
     "tiny": LayerCounts(16, 2, 1, 4),
     "3.3-2b": LayerCounts(16, 2, 1, 40),
     "3.3-8b": LayerCounts(16, 2, 1, 40),
+    "tiny-plus": LayerCounts(16, 2, 1, 4),
+    "4.1-2b-plus": LayerCounts(16, 2, 1, 40),
 }
 
 
@@ -161,7 +163,7 @@ def counts_of_checkpoint(folder: Union[str, Path]) -> LayerCounts:
         raw = json.loads(file.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{file} is not readable JSON ({err}); restore the checkpoint's config.json") from None
-    if not isinstance(raw, dict) or raw.get("model_type") != "granite_speech":
+    if not isinstance(raw, dict) or raw.get("model_type") not in ("granite_speech", "granite_speech_plus"):
         got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{file}: model_type={got!r}, expected 'granite_speech'")
     try:
@@ -212,6 +214,8 @@ PATH_MAP: tuple[PathEntry, ...] = (
     # after block num_layers//2 - 1 only: the CTC logits, and the residual they feed back into the stream
     E("encoder.out",                  "model.encoder.out",                "encoder.out"),
     E("encoder.out_mid",              "model.encoder.out_mid",            "encoder.out_mid"),
+    # the encoder's output: the last block's, or (Granite Speech Plus) the exported hidden states concatenated with it
+    E("encoder",                      "model.encoder",                    "encoder", kind=None),
     # -- windowed Q-Former projector ---------------------------------------------------------------------------------
     E("projector.layers.{}.self_attn",  _QF + ".attention",               "projector.layers.{}.self_attn"),
     # only in layers j with j % cross_attention_frequency == 0
@@ -363,7 +367,8 @@ def expand(config: GraniteSpeechConfig) -> list[LayerPair]:
     """Every comparable pair of a model with ``config``, in execution order.
 
     Order: the input pipelines (features, mask, token counts, input_ids); input_linear; per Conformer block its ff1,
-    attn, conv, ff2, post_norm, then the block (the CTC ``out`` and ``out_mid`` right after block ``mid_layer``); per
+    attn, conv, ff2, post_norm, then the block (the CTC ``out`` and ``out_mid`` right after block ``mid_layer``); the
+    encoder's output (with Granite Speech Plus's concatenated hidden states); per
     Q-Former layer self_attn, cross_attn (layers with ``j % cross_attention_frequency == 0``), mlp, then the layer;
     the projector output; the merged decoder input embeddings; per decoder layer attn_norm, attn, mlp_norm, mlp, then
     the layer; the final norm; logits.
@@ -376,6 +381,7 @@ def expand(config: GraniteSpeechConfig) -> list[LayerPair]:
         pairs += [_concrete(r, i) for r in block_rows]
         if i == e.mid_layer:
             pairs += [_concrete(r) for r in _rows("encoder.out")]
+    pairs += [_concrete(r) for r in PATH_MAP if r.name == "encoder"]
     for j in range(p.num_layers):
         for r in _rows("projector.layers.{}"):
             if r.name.endswith(".cross_attn") and j % p.cross_attention_frequency:

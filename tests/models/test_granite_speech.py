@@ -94,3 +94,28 @@ class TestGraniteSpeechTextOnly(ModelConsistencyTestSuite, ModelCompileTestSuite
     @pytest.mark.slow  # inductor over the decoder: about 23 s on 2 cores (the slower tier)
     def test_model_compile_no_graph_breaks(self, model):
         super().test_model_compile_no_graph_breaks(model)
+
+
+class GraniteSpeechPlusFixtures(GraniteSpeechFixtures):
+    """``tiny-plus``: the tiny variant whose encoder concatenates the hidden state after block 3 with its output
+    (granite-speech-4.1-2b-plus's ``cat_hidden_layers: [3]``), the projector reading twice the encoder width."""
+
+    @pytest.fixture(scope="class", autouse=True)
+    def config(self) -> ModelConfig:
+        return get_config("tiny-plus")
+
+
+class TestGraniteSpeechPlus(ModelConfigTestSuite, ModelConsistencyTestSuite, ModelCompileTestSuite,
+                            GraniteSpeechPlusFixtures):
+    _get_signature_params = ["input_ids_or_embeds"]
+    _get_signature_input_ids = _IDS
+    _get_signature_optional_params = {"input_features": _FEATURES, "input_features_mask": _MASK}
+
+    def test_config_passed_to_model_and_updated(self, model, config):
+        model = type(model)(config=config, encoder={"cat_hidden_layers": (2,)})
+        assert model.get_config() is not config
+        assert model.get_config().encoder.cat_hidden_layers == (2,) and config.encoder.cat_hidden_layers == (3,)
+
+    @pytest.mark.slow  # inductor over the whole 16-block forward (the slower tier)
+    def test_model_compile_no_graph_breaks(self, model):
+        super().test_model_compile_no_graph_breaks(model)

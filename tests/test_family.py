@@ -1,0 +1,127 @@
+"""The Granite Speech family beyond 3.3: Granite Speech Plus (granite-speech-4.1-2b-plus), whose encoder concatenates
+the hidden state after block 3 with its output (transformers' GraniteSpeechPlusForConditionalGeneration).
+
+Parity of the ``tiny-plus`` variant against transformers' class (both pipelines, every row, float32 and bfloat16),
+bugs planted in the concatenation and named at the encoder's output row, the config's checks, and a folder written by
+transformers' ``save_pretrained`` loading through FMS's ``get_model("hf_pretrained")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fms_granite_speech.config import GraniteSpeechConfig, get_config
+from parity.compare import run_parity
+from parity.inputs import build_inputs
+from parity.pair import build_pair
+
+
+@pytest.fixture(scope="module")
+def plus():
+    return build_pair("tiny-plus", seed=0, dtype="float32")
+
+
+def test_tiny_plus_is_transformers_plus_class(plus):
+    assert type(plus.hf).__name__ == "GraniteSpeechPlusForConditionalGeneration"
+    assert plus.hf.config.encoder_config.cat_hidden_layers == [3]
+    assert plus.fms.projector.layers[0].cross_attn.key.in_features == 2 * 44
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_plus_passes_every_row(dtype, plus):
+    pair = plus if dtype == "float32" else build_pair("tiny-plus", seed=0, dtype=dtype)
+    result = run_parity(pair, build_inputs(pair))
+    assert result.passed, (result.first_divergent, result.first_failure().reason)
+    assert result.layer("encoder").diff is not None and len(result.layers) == 136
+
+
+def _planted(plus, forward):
+    original = type(plus.fms.encoder).forward
+    plus.fms.encoder.forward = forward.__get__(plus.fms.encoder)
+    try:
+        return run_parity(plus, build_inputs(plus), layers=["encoder", "projector"])
+    finally:
+        del plus.fms.encoder.forward
+        assert type(plus.fms.encoder).forward is original
+
+
+def test_planted_concatenated_block_off_by_one(plus):
+    encoder = plus.fms.encoder
+    encoder.config.cat_hidden_layers = (4,)
+    try:
+        result = run_parity(plus, build_inputs(plus), layers=["encoder", "projector"])
+    finally:
+        encoder.config.cat_hidden_layers = (3,)
+    assert not result.passed and result.first_divergent == "encoder"
+
+
+def test_planted_concatenation_order_swapped(plus):
+    from fms_granite_speech.conformer import ConformerEncoder
+
+    def swapped(self, input_features, return_ctc_logits=False):
+        out = ConformerEncoder.forward(self, input_features, return_ctc_logits)
+        width = self.config.hidden_dim
+        return torch.cat([out[..., -width:], out[..., :-width]], dim=-1)
+
+    result = _planted(plus, swapped)
+    assert not result.passed and result.first_divergent == "encoder"
+    assert all(r.passed for r in result.layers if r.name.startswith("encoder.blocks."))
+
+
+def test_export_after_the_mid_layer_holds_the_ctc_residual():
+    """transformers adds the CTC residual in place after exporting the hidden state after block num_layers // 2: the
+    exported copy holds it. The port exports after the residual: parity with cat_hidden_layers [8] proves it."""
+    config = get_config("tiny-plus")
+    config = config.replace(encoder=dataclasses.replace(config.encoder, cat_hidden_layers=(8,)))
+    from fms_granite_speech.testing import build_hf_model, fms_from_hf
+
+    hf = build_hf_model(config, seed=3)
+    fms = fms_from_hf(hf, config)
+    feats = torch.randn(1, 40, 160)
+    with torch.no_grad():
+        want = hf.model.encoder(feats).last_hidden_state
+        got = fms.encoder(feats)
+    assert got.shape == want.shape == (1, 40, 88)
+    torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("cat,width,needle", [
+    ((16,), 88, "must be distinct and in [0, num_layers=16)"),
+    ((3, 3), 132, "must be distinct"),
+    ((3,), 44, "must equal the encoder's output width 88 (hidden_dim=44 x 2: cat_hidden_layers=[3])"),
+])
+def test_plus_config_errors_name_the_field(cat, width, needle):
+    tiny = get_config("tiny")
+    with pytest.raises(ValueError) as err:
+        tiny.replace(encoder=dataclasses.replace(tiny.encoder, cat_hidden_layers=cat),
+                     projector=dataclasses.replace(tiny.projector, encoder_hidden_size=width))
+    assert needle in str(err.value)
+
+
+def test_plus_config_round_trips(tmp_path):
+    config = get_config("tiny-plus")
+    config.save(str(tmp_path / "c.json"))
+    again = GraniteSpeechConfig.load(str(tmp_path / "c.json"))
+    assert again.encoder.cat_hidden_layers == (3,) and again.as_dict() == config.as_dict()
+    hf = config.to_hf()
+    assert type(hf).__name__ == "GraniteSpeechPlusConfig" and hf.model_type == "granite_speech_plus"
+    assert GraniteSpeechConfig.from_hf(hf, lora=config.lora).as_dict() == config.as_dict()
+    assert GraniteSpeechConfig.from_hf(hf.to_dict(), lora=config.lora).encoder.cat_hidden_layers == (3,)
+
+
+def test_plus_folder_loads_through_fms_get_model(tmp_path, plus):
+    from fms.models import get_model
+
+    from fms_granite_speech.testing import write_hf_checkpoint
+
+    folder = write_hf_checkpoint(plus.hf, tmp_path / "plus")
+    model = get_model("hf_pretrained", model_path=str(folder))
+    assert model.config.encoder.cat_hidden_layers == (3,)
+    x = build_inputs(plus)
+    with torch.no_grad():
+        got = model(x.input_ids, input_features=x.input_features, input_features_mask=x.input_features_mask)
+        want = plus.fms(x.input_ids, input_features=x.input_features, input_features_mask=x.input_features_mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
