@@ -210,6 +210,8 @@ def generate(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     p = plugin(args.architecture)
+    if args.seed is None:
+        args.seed = 1  # the first weight seed tried (parity.arch_generate searches on from it)
     label = f"parity generate --architecture {p.name}"
     progress = reporter("parity generate", quiet=args.quiet)
     try:

@@ -199,7 +199,7 @@ def test_bad_checkpoint_folders(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         build_pair(checkpoint=tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ValueError, match="model_type='llama', expected 'granite_speech'"):
+    with pytest.raises(ValueError, match="model_type='llama', expected one of granite_speech, granite_speech_plus"):
         build_pair(checkpoint=tmp_path)
 
 

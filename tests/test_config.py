@@ -16,7 +16,7 @@ def test_round_trip_through_hf(variant):
     # the widths HF builds are the widths FMS builds
     assert hf.text_config.intermediate_size == int(cfg.decoder.hidden_grow_factor * cfg.decoder.emb_dim + 0.5)
     assert hf.encoder_config.num_layers == cfg.encoder.num_layers
-    assert hf.projector_config.encoder_hidden_size == cfg.encoder.hidden_dim
+    assert hf.projector_config.encoder_hidden_size == cfg.encoder.output_width
 
 
 def test_real_sizes_match_the_released_architecture():

@@ -125,3 +125,14 @@ def test_plus_folder_loads_through_fms_get_model(tmp_path, plus):
         got = model(x.input_ids, input_features=x.input_features, input_features_mask=x.input_features_mask)
         want = plus.fms(x.input_ids, input_features=x.input_features, input_features_mask=x.input_features_mask)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [4, 12, 16, 32])
+def test_plus_generation_default_is_conclusive_and_token_identical(n):
+    """``parity generate --variant tiny-plus`` with its default seed (parity.cli.GENERATE_SEEDS): conclusive at
+    every length tried, tokens identical, logits within bounds."""
+    from parity.cli import GENERATE_SEEDS
+    from parity.generation import check_generation
+
+    result, _, _ = check_generation(variant="tiny-plus", seed=GENERATE_SEEDS["tiny-plus"], max_new_tokens=n)
+    assert result.varied and result.tokens_identical and result.logits_passed, result.verdict
