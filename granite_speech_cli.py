@@ -27,7 +27,7 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float32", "bfloat16", "float16")
-VARIANTS = ("tiny", "3.3-2b", "3.3-8b", "tiny-plus", "4.1-2b-plus")  # fms_granite_speech.config.VARIANTS (tests/test_cli_errors.py checks)
+VARIANTS = ("tiny", "3.3-2b", "3.3-8b", "tiny-plus", "4.1-2b-plus", "tiny-4.0")  # fms_granite_speech.config.VARIANTS (tests/test_cli_errors.py checks)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -626,8 +626,14 @@ _TINY_PLUS = _TINY.replace(encoder=dataclasses.replace(_TINY.encoder, **_PLUS_EN
 _2B_PLUS = _2B.replace(encoder=dataclasses.replace(_2B.encoder, **_PLUS_ENCODER),
                        projector=dataclasses.replace(_2B.projector, encoder_hidden_size=2 * 1024))
 
+# granite-4.0-1b-speech: the 3.3 structure with a Granite decoder (llama.cpp's converter folds its text model into
+# GraniteModel, ggml-org/llama.cpp PR 22101) and no modality LoRA adapter (its model card). Its decoder widths are
+# not in the public sources at hand, so only the structure has a variant: tiny-4.0 (tiny's widths, no adapter); a
+# real folder's config.json gives the widths.
+_TINY_4_0 = _TINY.replace(lora=None)
+
 VARIANTS: dict[str, GraniteSpeechConfig] = {"tiny": _TINY, "3.3-2b": _2B, "3.3-8b": _8B, "tiny-plus": _TINY_PLUS,
-                                            "4.1-2b-plus": _2B_PLUS}
+                                            "4.1-2b-plus": _2B_PLUS, "tiny-4.0": _TINY_4_0}
 
 
 def get_config(variant: str) -> GraniteSpeechConfig:

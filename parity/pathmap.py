@@ -145,6 +145,7 @@ VARIANT_LAYERS: dict[str, LayerCounts] = {
     "3.3-8b": LayerCounts(16, 2, 1, 40),
     "tiny-plus": LayerCounts(16, 2, 1, 4),
     "4.1-2b-plus": LayerCounts(16, 2, 1, 40),
+    "tiny-4.0": LayerCounts(16, 2, 1, 4),
 }
 
 

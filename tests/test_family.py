@@ -136,3 +136,63 @@ def test_plus_generation_default_is_conclusive_and_token_identical(n):
 
     result, _, _ = check_generation(variant="tiny-plus", seed=GENERATE_SEEDS["tiny-plus"], max_new_tokens=n)
     assert result.varied and result.tokens_identical and result.logits_passed, result.verdict
+
+
+# -- granite-4.0-1b-speech's structure: no modality LoRA adapter ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def no_adapter():
+    return build_pair("tiny-4.0", seed=0, dtype="float32")
+
+
+def test_tiny_4_0_has_no_adapter_and_says_so(no_adapter):
+    assert no_adapter.config.lora is None and not no_adapter.hf.config.has_lora_adapter
+    assert not getattr(no_adapter.hf, "_hf_peft_config_loaded", False)
+    with pytest.raises(ValueError, match="this model has no LoRA adapter"):
+        no_adapter.fms.set_adapter(True)
+    no_adapter.fms.set_adapter(False)  # disabling nothing is allowed (text-only prompts do it)
+
+
+@pytest.mark.parametrize("n", [4, 16, 32])
+def test_tiny_4_0_generation_default_is_conclusive_and_token_identical(n):
+    from parity.cli import GENERATE_SEEDS
+    from parity.generation import check_generation
+
+    result, _, _ = check_generation(variant="tiny-4.0", seed=GENERATE_SEEDS["tiny-4.0"], max_new_tokens=n)
+    assert result.varied and result.tokens_identical and result.logits_passed, result.verdict
+
+
+def test_planted_lora_where_the_folder_has_none(no_adapter):
+    """FMS merging an adapter the 4.0 folder does not have (a rank-4 q/v delta in decoder layer 0) is named at the
+    attention it changes, introduced there."""
+    attn = no_adapter.fms.decoder.base_model.layers[0].attn.in_proj.qkv_fused
+    saved = attn.weight.detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    q_rows = no_adapter.config.decoder.nheads * no_adapter.config.decoder.head_dim
+    delta = (torch.randn(q_rows, 4, generator=gen) @ torch.randn(4, attn.weight.shape[1], generator=gen)) * 0.05
+    with torch.no_grad():
+        attn.weight[:q_rows] += delta
+    try:
+        result = run_parity(no_adapter, build_inputs(no_adapter), layers=["decoder"])
+    finally:
+        with torch.no_grad():
+            attn.weight.copy_(saved)
+    first = result.first_failure()
+    assert first is not None and first.name == "decoder.layers.0.attn" and first.introduces
+
+
+def test_tiny_4_0_folder_has_no_adapter_files_and_loads_strictly(tmp_path, no_adapter):
+    from fms.models import get_model
+
+    from fms_granite_speech.testing import write_hf_checkpoint
+
+    folder = write_hf_checkpoint(no_adapter.hf, tmp_path / "v40")
+    assert not (folder / "adapter_config.json").exists()
+    model = get_model("hf_pretrained", model_path=str(folder))
+    assert model.config.lora is None
+    x = build_inputs(no_adapter)
+    with torch.no_grad():
+        got = model(x.input_ids, input_features=x.input_features, input_features_mask=x.input_features_mask)
+        want = no_adapter.fms(x.input_ids, input_features=x.input_features, input_features_mask=x.input_features_mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
