@@ -46,6 +46,17 @@ def check(args, found: list[str]) -> list[str]:
         found.append(f"unknown variant {variant!r} of {p.name}; known: {', '.join(p.variants)}")
     if variant and getattr(args, "checkpoint", None):
         found.append("give --variant or --checkpoint, not both")
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint:
+        from pathlib import Path
+
+        folder = Path(checkpoint).expanduser()
+        if not folder.is_dir():
+            found.append(f"checkpoint folder not found: {checkpoint}" if not folder.exists()
+                         else f"--checkpoint {checkpoint} is a file, not a checkpoint folder")
+        elif not (folder / "config.json").is_file():
+            found.append(f"{checkpoint} has no config.json: not an HF checkpoint folder (give the folder "
+                         "save_pretrained wrote)")
     cases_arg = getattr(args, "cases", None)
     if cases_arg is None:
         return [p.default_case]

@@ -191,7 +191,7 @@ class PairPlugin:
             cls = getattr(transformers, self.hf_class)
             with _quiet():
                 if checkpoint is not None:
-                    model = cls.from_pretrained(str(checkpoint), dtype=torch.float32)
+                    model = cls.from_pretrained(str(checkpoint), dtype=torch.float32, use_safetensors=True)
                 else:
                     torch.manual_seed(seed)
                     model = cls(cfg)
@@ -245,20 +245,23 @@ class PairPlugin:
                 from None
         return model
 
-    def load_fms(self, fms: nn.Module, hf: nn.Module, arch: str, dtype: torch.dtype) -> None:
-        """FMS's loader on transformers' checkpoint layout of ``hf`` (what ``save_pretrained`` writes), then a
-        coverage check: every FMS parameter must be filled (FMS leaves unfilled ones as they were)."""
+    def load_fms(self, fms: nn.Module, hf: nn.Module, arch: str, dtype: torch.dtype, checkpoint=None) -> None:
+        """FMS's loader on transformers' checkpoint layout of ``hf`` (what ``save_pretrained`` writes), or on the
+        ``checkpoint`` folder itself read by FMS's own ``serialization.load_state_dict`` (safetensors, lazily), then
+        a coverage check: every FMS parameter must be filled (FMS leaves unfilled ones as they were)."""
         from fms.utils import serialization
-        from transformers.core_model_loading import revert_weight_conversion
 
         with torch.no_grad():
             for p in fms.parameters():
                 p.fill_(float("nan"))
         try:
-            sd = self.to_checkpoint(hf)({k: v.detach().clone() for k, v in hf.state_dict().items()})
+            if checkpoint is not None:  # build() checked the folder holds safetensors only
+                sd = serialization.load_state_dict(str(checkpoint), source="hf")
+            else:
+                sd = self.to_checkpoint(hf)({k: v.detach().clone() for k, v in hf.state_dict().items()})
         except Exception as err:  # noqa: BLE001
-            raise BuildError("checkpoint layout", f"transformers' revert_weight_conversion: {_first_line(err)}") \
-                from None
+            step = "checkpoint read" if checkpoint is not None else "checkpoint layout"
+            raise BuildError(step, _first_line(err)) from None
         unused: list[str] = []
 
         class _Unused(logging.Handler):  # FMS logs the adapted keys it did not copy; a coverage failure names them
@@ -299,10 +302,17 @@ class PairPlugin:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         cfg = self.hf_config(variant, checkpoint)
+        if checkpoint is not None:  # safetensors only, checked before either side reads it: nothing is unpickled
+            from fms_granite_speech.folder import check_safetensors_folder
+
+            try:
+                check_safetensors_folder(Path(checkpoint), for_glob=True)
+            except (ValueError, FileNotFoundError) as err:
+                raise BuildError("checkpoint read", _first_line(err)) from None
         hf = self.build_hf(cfg, dtype, seed, checkpoint)
         arch, fvariant, params = self.fms_params(cfg, fused_weights)
         fms = self.build_fms(arch, fvariant, params, dtype)
-        self.load_fms(fms, hf, arch, dtype)
+        self.load_fms(fms, hf, arch, dtype, checkpoint)
         notes = list(self.notes)
         ignored = self.ignored_fields(arch, fvariant, params)
         if ignored:

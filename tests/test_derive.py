@@ -361,3 +361,35 @@ def test_cli_generate_architecture(capsys):
     assert "PASS: tokens identical" in capsys.readouterr().out
     assert main(["generate", "--architecture", "bert"]) == 2
     assert "not a causal LM" in capsys.readouterr().err
+
+
+def test_checkpoint_folder_through_fms_own_reader(tmp_path, capsys):
+    """--checkpoint DIR: HF from_pretrained, FMS filled by its own folder reader and adapter; a folder whose weights
+    are a pickle is refused before anything is read (the HF side is not reached either)."""
+    from parity.cli import main
+
+    b = built("llama")
+    b.hf.save_pretrained(tmp_path / "llama")
+    assert main(["diff", "--architecture", "llama", "--checkpoint", str(tmp_path / "llama"), "--quiet",
+                 "--report-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {tmp_path / 'llama'}" in out and "first divergent layer: none" in out
+    (tmp_path / "llama" / "model.safetensors").rename(tmp_path / "llama" / "pytorch_model.bin")
+    assert main(["diff", "--architecture", "llama", "--checkpoint", str(tmp_path / "llama"), "--quiet",
+                 "--report-dir", str(tmp_path / "r")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: step 'checkpoint read' failed" in out and "safetensors" in out
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda d: d, "checkpoint folder not found"),
+    (lambda d: (d.mkdir(), d)[1], "has no config.json"),
+    (lambda d: (d.write_text("x"), d)[1], "is a file, not a checkpoint folder"),
+])
+def test_cli_checkpoint_argument_errors_are_one_line(tmp_path, capsys, make, needle):
+    from parity.cli import main
+
+    path = make(tmp_path / "ckpt")
+    assert main(["diff", "--architecture", "llama", "--checkpoint", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
