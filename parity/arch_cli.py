@@ -60,10 +60,13 @@ def check(args, found: list[str]) -> list[str]:
     cases_arg = getattr(args, "cases", None)
     if cases_arg is None:
         return [p.default_case]
-    cases = list(CASES) if cases_arg.strip() == "all" else [c.strip() for c in cases_arg.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in CASES]
+    if cases_arg.strip() == "all":
+        return None  # every case that applies to the pair (known once it is built)
+    known = list(CASES) + [c for c in getattr(p, "CLIPS", {}) if c not in CASES]
+    cases = [c.strip() for c in cases_arg.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in known]
     if unknown or not cases:
-        found.append(f"unknown case(s) {unknown or [cases_arg]} for --architecture; known: {', '.join(CASES)}, or all")
+        found.append(f"unknown case(s) {unknown or [cases_arg]} for --architecture; known: {', '.join(known)}, or all")
     del ARCHITECTURES
     return cases
 
@@ -125,6 +128,7 @@ def diff(args, argv: Sequence[str], cases: Sequence[str], progress=None) -> int:
         print(f"{label}: FAIL: {err}")
         return EXIT_FAIL
     applicable = p.cases(built.hf_config)
+    cases = applicable if cases is None else cases
     skipped = [c for c in cases if c not in applicable]
     if skipped and args.cases and args.cases.strip() != "all":
         raise ValueError(f"case(s) {skipped} do not apply to {p.name} (its cases: {', '.join(applicable)})")
@@ -194,9 +198,9 @@ def check_generate(args, found: list[str]) -> None:
         found.append("--dtype float64 is the bounds' reference; compare float32, bfloat16 or float16")
     if args.max_new_tokens < 1:
         found.append(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not p.causal or p.default_case != "prompt":
+    if (not p.causal or p.default_case != "prompt") and p.name != "granite_speech5":
         found.append(f"{p.name} is not a causal LM fed tokens: parity generate --architecture takes "
-                     f"{', '.join(n for n, q in _causal().items())}")
+                     f"{', '.join(n for n, q in _causal().items())}, and granite_speech5 (greedy CTC)")
 
 
 def _causal() -> dict:
@@ -223,6 +227,8 @@ def generate(args) -> int:
     p = plugin(args.architecture)
     if args.seed is None:
         args.seed = 1  # the first weight seed tried (parity.arch_generate searches on from it)
+    if p.name == "granite_speech5":
+        return _generate_ctc(p, args)
     label = f"parity generate --architecture {p.name}"
     progress = reporter("parity generate", quiet=args.quiet)
     try:
@@ -259,3 +265,43 @@ def generate(args) -> int:
         if args.json:
             write_atomic(args.json, json.dumps(payload, indent=1, allow_nan=False, default=str) + "\n")
     return EXIT_PASS if g.passed else EXIT_FAIL
+
+
+def _generate_ctc(p, args) -> int:
+    """``parity generate --architecture granite_speech5``: greedy CTC decoding on both sides (``parity.ctc``)."""
+    import json
+
+    from parity._atomic import write_atomic
+    from parity.ctc import check_ctc
+    from parity.models import BuildError
+    from parity.progress import reporter
+    from parity.report import summary_lines
+
+    progress = reporter("parity generate", quiet=args.quiet)
+    try:
+        r = check_ctc(p, dtype=args.dtype, seed=args.seed, progress=progress)
+    except BuildError as err:
+        print(f"parity generate --architecture {p.name}: FAIL: {err}")
+        return EXIT_FAIL
+    finally:
+        if progress is not None:
+            progress.close()
+    payload = {"architecture": p.name, "dtype": args.dtype, "weight_seed": r.weight_seed, "hf_tokens": r.hf_tokens,
+               "fms_tokens": r.fms_tokens, "first_frame_mismatch": r.first_frame_mismatch, "notes": r.notes,
+               "verdict": r.verdict(), "passed": r.passed, "forward": r.forward.to_dict()}
+    if args.json == "-":
+        print(json.dumps(payload, indent=1, allow_nan=False, default=str))
+    else:
+        print(f"parity generate --architecture {p.name}: greedy CTC, GraniteSpeech5ForCTC.generate vs the FMS "
+              f"model's logits, {args.dtype}, weight seed {r.weight_seed}, each side on its own pipeline")
+        for i, (h, f) in enumerate(zip(r.hf_tokens, r.fms_tokens)):
+            print(f"clip {i} HF : {h}")
+            print(f"clip {i} FMS: {f}")
+        for line in summary_lines(r.forward):
+            print(f"layers: {line}")
+        for note in r.notes:
+            print(f"note: {note}")
+        print(r.verdict())
+        if args.json:
+            write_atomic(args.json, json.dumps(payload, indent=1, allow_nan=False, default=str) + "\n")
+    return EXIT_PASS if r.passed else EXIT_FAIL

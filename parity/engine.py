@@ -348,6 +348,17 @@ def run_architecture(plugin, *, dtype: str = "float32", case: Optional[str] = No
         results.append((order, res))
     results.sort(key=lambda x: x[0])
     layer_results = [r for _, r in results]
+    # the input pipelines (a plugin whose sides each run their own: HF's processor against the project's) come first
+    piped = []
+    for name, (h, f) in (getattr(inputs, "pipelines", None) or {}).items():
+        res = LayerResult(pair=LayerPair(name=name, hf="processor", fms="processor", tensor="pipeline",
+                                         section="model", kind=None))
+        if tuple(h.shape) != tuple(f.shape):
+            res.error = f"HF's pipeline gives {list(h.shape)}, the project's {list(f.shape)}"
+        else:
+            res.diff = compare_tensors(f, h, default_tolerance(h.dtype) if h.is_floating_point() else None)
+        piped.append(res)
+    layer_results = piped + layer_results
 
     first = next((r for r in layer_results if not r.passed), None)
     if first is not None:

@@ -108,6 +108,10 @@ def _realistic(model: nn.Module, seed: int) -> None:
             constant = p.numel() == 1 or float(p.detach().float().std()) == 0.0
             if constant:  # ones (norm scales) or zeros (biases): give each element its own value
                 p.add_((torch.randn(p.shape, generator=gen) * 0.1).to(p.dtype))
+        for m in model.modules():  # BatchNorm's running statistics: a mean and a variance of their own
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
 @contextlib.contextmanager
@@ -229,7 +233,7 @@ class PairPlugin:
             fields = {f.name for f in dataclasses.fields(default.config)}
         except Exception:  # noqa: BLE001 - no default model to read the fields from: nothing to say
             return []
-        return sorted(k for k in params if k not in fields and k not in ("fused_weights", "linear_config"))
+        return sorted(k for k in params if k not in fields and k not in ("fused_weights", "linear_config", "config"))
 
     def build_fms(self, arch: str, variant: str, params: dict, dtype: torch.dtype) -> nn.Module:
         from fms.models import get_model
@@ -625,6 +629,70 @@ register(GraniteSpeechPlugin(
     exclude=(r"lora_",), transforms={"model": "logits_scaling"},
     notes=["both models are fed HF's pipeline output (the pipelines are compared by `parity diff` without "
            "--architecture)", "LoRA tensors are left out of the derived lineage: FMS's adapter merges them into q/v"]))
+
+
+class GraniteSpeech5Plugin(PairPlugin):
+    """``GraniteSpeech5ForCTC`` (granite-speech-5.0-470m-turboctc) against the project's FMS ``granite_speech5``:
+    each side on its own pipeline (transformers' ``GraniteSpeech5FeatureExtractor``, the project's
+    ``speech5.GraniteSpeech5FeatureExtractor``), compared as the first rows; the model output is the per-frame CTC
+    logits."""
+
+    default_case = "speech"
+    CLIPS = {"speech": ("fox",), "speech_batch": ("fox", "ships")}
+
+    def cases(self, cfg):
+        return list(self.CLIPS)
+
+    def inputs(self, case, cfg, seed=0):
+        import transformers
+
+        from fms_granite_speech.features import load_wav, shipped_audio
+        from fms_granite_speech.speech5 import GraniteSpeech5FeatureExtractor
+
+        if case not in self.CLIPS:
+            raise ValueError(f"case {case!r} does not apply to {self.name} (its cases: {', '.join(self.CLIPS)})")
+        waves = [load_wav(shipped_audio(n))[0][0] for n in self.CLIPS[case]]
+        with _quiet():
+            hf_x = transformers.GraniteSpeech5FeatureExtractor(num_mel_bins=cfg.encoder_config.num_mel_bins)(
+                [w.numpy() for w in waves], sampling_rate=16000, return_tensors="pt")
+        fms_x = GraniteSpeech5FeatureExtractor(num_mel_bins=cfg.encoder_config.num_mel_bins)(waves)
+        frames = self._frames(fms_x["attention_mask"].sum(1), cfg)
+        out_t = self._frames(torch.tensor([fms_x["input_features"].shape[1]]), cfg)[0]
+        valid = torch.arange(int(out_t))[None, :] < frames[:, None]
+        x = TextInputs(case=case, input_ids=torch.zeros(valid.shape, dtype=torch.long), attention_mask=valid.long(),
+                       position_ids=torch.zeros(valid.shape, dtype=torch.long), fms_kwargs={}, valid=valid)
+        x.extra = {"hf": dict(hf_x), "fms": fms_x}
+        x.pipelines = {"features.input_features": (hf_x["input_features"], fms_x["input_features"]),
+                       "features.attention_mask": (hf_x["attention_mask"], fms_x["attention_mask"])}
+        return x
+
+    @staticmethod
+    def _frames(frames, cfg):
+        for _ in cfg.encoder_config.subsample_layers:
+            frames = frames // 2
+        return frames
+
+    def run_hf(self, hf, x):
+        e = x.extra["hf"]
+        return hf(input_features=e["input_features"].to(next(hf.parameters()).dtype),
+                  attention_mask=e["attention_mask"])
+
+    def run_fms(self, fms, x):
+        e = x.extra["fms"]
+        return fms(e["input_features"].to(next(fms.parameters()).dtype), attention_mask=e["attention_mask"])
+
+
+def _speech5(variant: str) -> dict:
+    from fms_granite_speech.speech5 import VARIANTS
+
+    c = VARIANTS[variant].to_hf().to_dict()
+    return {k: v for k, v in c.items() if k in ("vocab_size", "pad_token_id", "tie_word_embeddings",
+                                                "encoder_config")}
+
+
+register(GraniteSpeech5Plugin("granite_speech5", "GraniteSpeech5ForCTC", "granite_speech5_ctc", _speech5("tiny"),
+                              variants={"5.0-470m": _speech5("5.0-470m")},
+                              notes=["each side on its own input pipeline: the features are the first rows"]))
 
 
 def plugin(name: str) -> PairPlugin:
