@@ -331,9 +331,7 @@ class GraniteSpeech5(nn.Module):
         """Recompute the relative-position distances (a non-persistent buffer: after a meta-device build it holds
         whatever memory ``to_empty`` gave it) and tie the CTC head to ``encoder.out`` (weight and bias), as
         transformers' ``_tied_weights_keys`` does."""
-        dists = self.encoder.attention_dists
-        self.encoder.attention_dists = self.encoder.distances(device=None if dists.is_meta else dists.device) \
-            if not dists.is_meta else dists
+        self.encoder.attention_dists = self.encoder.distances(device=self.encoder.input_linear.weight.device)
         if self.config.tie_ctc_head:
             self.ctc_head.weight, self.ctc_head.bias = self.encoder.out.weight, self.encoder.out.bias
 
@@ -344,6 +342,11 @@ class GraniteSpeech5(nn.Module):
             got = list(input_features.shape) if isinstance(input_features, torch.Tensor) else type(input_features)
             raise ValueError(f"input_features must be [B, T>0, {4 * c.num_mel_bins}] (stacked log-mels and deltas, "
                              f"from GraniteSpeech5FeatureExtractor), got {got}")
+        need = 2 ** len(c.subsample_layers)
+        if input_features.shape[1] < need:
+            raise ValueError(f"input_features has {input_features.shape[1]} frame(s): the {len(c.subsample_layers)} "
+                             f"subsampling blocks halve time each and need at least {need} frames "
+                             f"({need * 20} ms of audio); transformers' model fails on it too")
         mask = None
         if attention_mask is not None:
             if tuple(attention_mask.shape) != tuple(input_features.shape[:2]):
@@ -404,6 +407,11 @@ class GraniteSpeech5FeatureExtractor:
         for i, w in enumerate(clips):
             if w.dim() != 1 or w.numel() == 0:
                 raise ValueError(f"clip {i} must be a non-empty 1-D waveform, got shape {list(w.shape)}")
+        shortest = self.mel.n_fft // 2 + 1
+        if max(w.numel() for w in clips) < shortest:
+            raise ValueError(f"the longest clip has {max(w.numel() for w in clips)} samples; the mel spectrogram's "
+                             f"reflect padding needs at least {shortest} ({shortest / self.sampling_rate * 1000:.0f} "
+                             "ms at 16 kHz; transformers' extractor fails on it too)")
         lengths = [w.numel() for w in clips]
         audio = torch.zeros(len(clips), max(lengths))
         for i, w in enumerate(clips):

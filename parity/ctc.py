@@ -50,9 +50,15 @@ class CTCParity:
     weight_seed: int = 0
     notes: list[str] = field(default_factory=list)
 
+    blank: int = 0
+
     @property
     def varied(self) -> bool:
-        return all(len(set(t)) >= MIN_DISTINCT for t in self.hf_tokens)
+        """Conclusive: every clip's HF path decodes to ``MIN_DISTINCT`` distinct tokens and its frames hold the
+        blank and a repeated token (so the decoding's blank and collapse rules both act)."""
+        return all(len(set(t)) >= MIN_DISTINCT and self.blank in f
+                   and any(a == b != self.blank for a, b in zip(f, f[1:]))
+                   for t, f in zip(self.hf_tokens, self.hf_frames))
 
     @property
     def passed(self) -> bool:
@@ -63,8 +69,8 @@ class CTCParity:
 
     def verdict(self) -> str:
         if not self.varied:
-            return (f"INCONCLUSIVE: HF's greedy CTC path decodes to fewer than {MIN_DISTINCT} distinct tokens for a "
-                    "clip (give another --seed)")
+            return (f"INCONCLUSIVE: for a clip, HF's greedy CTC path decodes to fewer than {MIN_DISTINCT} distinct "
+                    "tokens, or never emits the blank or a repeat (give another --seed)")
         parts = [f"clip {i}: frame {m} differs (HF {self.hf_frames[i][m]}, FMS {self.fms_frames[i][m]})"
                  for i, m in enumerate(self.first_frame_mismatch) if m is not None]
         if self.hf_tokens != self.fms_tokens and not self.notes:
@@ -101,7 +107,8 @@ def check_ctc(plugin, *, dtype: str = "float32", case: str = "speech_batch", see
         blank = int(built.hf.config.pad_token_id or 0)
         hf_frames = [row[: int(n)] for row, n in zip(frames.tolist(), lengths)]
         hf_tokens = [_collapse(f, blank) for f in hf_frames]
-        if given or all(len(set(t)) >= MIN_DISTINCT for t in hf_tokens):
+        probe = CTCParity(hf_frames, [], hf_tokens, [], [], None, blank=blank)  # type: ignore[arg-type]
+        if given or probe.varied:
             break
     with torch.no_grad():
         logits = plugin.run_fms(built.fms, x)
@@ -127,4 +134,5 @@ def check_ctc(plugin, *, dtype: str = "float32", case: str = "speech_batch", see
     say("layer by layer")
     forward = run_architecture(plugin, dtype=dtype, built=built, inputs=x)
     return CTCParity(hf_frames=hf_frames, fms_frames=fms_frames, hf_tokens=hf_tokens, fms_tokens=fms_tokens,
-                     first_frame_mismatch=mismatch, forward=forward, weight_seed=weight_seed, notes=notes)
+                     first_frame_mismatch=mismatch, forward=forward, weight_seed=weight_seed, notes=notes,
+                     blank=blank)

@@ -640,6 +640,28 @@ class GraniteSpeech5Plugin(PairPlugin):
     default_case = "speech"
     CLIPS = {"speech": ("fox",), "speech_batch": ("fox", "ships")}
 
+    def build(self, dtype=torch.float32, seed=0, variant="tiny", checkpoint=None, fused_weights=True):
+        """As ``PairPlugin.build``; with random weights the CTC head's blank bias is then raised (on both sides alike)
+        until the blank wins about half the frames of the shipped clip, as in a trained CTC model, so greedy
+        decoding's blank and collapse rules are exercised (a random head almost never emits the blank)."""
+        built = super().build(dtype, seed=seed, variant=variant, checkpoint=checkpoint, fused_weights=fused_weights)
+        if checkpoint is None:
+            self._blank_half(built)
+        return built
+
+    def _blank_half(self, built) -> None:
+        blank = int(built.hf.config.pad_token_id or 0)
+        x = self.inputs("speech", built.hf_config)
+        with torch.no_grad():
+            logits = self.run_hf(built.hf, x).logits[0].float()
+            others = logits.clone()
+            others[:, blank] = -float("inf")
+            shift = float((others.max(-1).values - logits[:, blank]).median())
+            for model, out in ((built.hf, built.hf.encoder.out), (built.fms, built.fms.encoder.out)):
+                out.bias[blank] += shift
+        built.notes.append(f"random weights: the CTC blank's bias raised by {shift:.3g} on both sides so the blank "
+                           "wins about half the frames (greedy decoding's blank and collapse rules are exercised)")
+
     def cases(self, cfg):
         return list(self.CLIPS)
 

@@ -56,3 +56,13 @@ def test_greedy_generation_is_token_identical(name):
         assert g.first_mismatch is not None and 12 + g.first_mismatch >= plugin(name).tiny["sliding_window"]
         return
     assert g.passed, g.verdict()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ctc_decoding_is_identical(dtype):
+    """Granite Speech 5.0: greedy CTC on both sides (each on its own pipeline), conclusive (blanks, repeats and 3+
+    tokens in HF's path), every frame's argmax identical but near ties, every layer within bounds."""
+    from parity.ctc import check_ctc
+
+    r = check_ctc(plugin("granite_speech5"), dtype=dtype, seed=1)
+    assert r.varied and r.passed, r.verdict()
