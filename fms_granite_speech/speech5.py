@@ -34,6 +34,8 @@ from fms.utils.config import ModelConfig
 from torch import nn
 from torch.nn import functional as F
 
+from fms_granite_speech.conformer import BatchNorm1d
+
 __all__ = ["ARCHITECTURE", "GraniteSpeech5", "GraniteSpeech5Config", "GraniteSpeech5FeatureExtractor", "VARIANTS",
            "ctc_greedy", "output_lengths"]
 
@@ -222,7 +224,7 @@ class _Convolution(nn.Module):
         self.up = nn.Linear(c.hidden_size, 2 * inner)
         self.depthwise = nn.Conv1d(inner, inner, c.conv_kernel_size, stride=stride,
                                    padding=(c.conv_kernel_size - 1) // 2, groups=inner, bias=False)
-        self.batch_norm = nn.BatchNorm1d(inner, track_running_stats=True)
+        self.batch_norm = BatchNorm1d(inner)  # the 3.3 port's: running statistics, no int64 step counter
         self.down = nn.Linear(inner, c.hidden_size)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -321,10 +323,12 @@ class GraniteSpeech5(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
+            elif isinstance(m, nn.LayerNorm):
                 m.reset_parameters()
-                if isinstance(m, nn.BatchNorm1d):
-                    m.reset_running_stats()
+            elif isinstance(m, nn.BatchNorm1d):
+                m.reset_running_stats()
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
         self.encoder.attention_dists = self.encoder.distances(device=self.encoder.attention_dists.device)
 
     def post_init(self) -> None:
@@ -335,7 +339,11 @@ class GraniteSpeech5(nn.Module):
         if self.config.tie_ctc_head:
             self.ctc_head.weight, self.ctc_head.bias = self.encoder.out.weight, self.encoder.out.bias
 
-    def forward(self, input_features: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_features: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **attn_kwargs) -> torch.Tensor:
+        """``attn_kwargs`` (FMS's attention options, e.g. ``attn_algorithm`` from its test suites) are accepted as by
+        every FMS model and unused: the block attention computes its scores explicitly (a relative-position bias
+        and a key mask), as transformers' eager path does."""
         c = self.config
         if (not isinstance(input_features, torch.Tensor) or input_features.dim() != 3
                 or input_features.shape[-1] != 4 * c.num_mel_bins or input_features.shape[1] == 0):
@@ -467,10 +475,14 @@ _RENAMES = (
 
 
 def _hf_to_fms_names(input_sd: Mapping[str, Any], **kwargs) -> dict[str, Any]:
+    """transformers' names -> this model's; BatchNorm's ``num_batches_tracked`` step counters (training-only, int64)
+    are dropped, as the model keeps none."""
     import re
 
     out = {}
     for key, value in input_sd.items():
+        if key.endswith(".num_batches_tracked"):
+            continue
         new = key
         for pattern, repl in _RENAMES:
             new = re.sub(pattern, repl, new)

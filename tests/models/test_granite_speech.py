@@ -119,3 +119,75 @@ class TestGraniteSpeechPlus(ModelConfigTestSuite, ModelConsistencyTestSuite, Mod
     @pytest.mark.slow  # inductor over the whole 16-block forward (the slower tier)
     def test_model_compile_no_graph_breaks(self, model):
         super().test_model_compile_no_graph_breaks(model)
+
+
+class GraniteSpeech40Fixtures(GraniteSpeechFixtures):
+    """``tiny-4.0``: granite-4.0-1b-speech's structure, no modality LoRA adapter."""
+
+    @pytest.fixture(scope="class", autouse=True)
+    def config(self) -> ModelConfig:
+        return get_config("tiny-4.0")
+
+
+class TestGraniteSpeech40(ModelConfigTestSuite, ModelConsistencyTestSuite, GraniteSpeech40Fixtures):
+    """The config and consistency suites. The compile suite is not applied: without an adapter the forward is the
+    tiny variant's graph minus the (post_init-merged, forward-free) LoRA, which ``TestGraniteSpeech``'s fullgraph
+    compile already traces; compiling it again would add two minutes to the slower tier and trace nothing new."""
+
+    _get_signature_params = ["input_ids_or_embeds"]
+    _get_signature_input_ids = _IDS
+    _get_signature_optional_params = {"input_features": _FEATURES, "input_features_mask": _MASK}
+
+    def test_config_passed_to_model_and_updated(self, model, config):
+        model = type(model)(config=config, audio_token_index=config.audio_token_index - 1)
+        assert model.get_config() is not config and model.get_config().lora is None
+        assert model.get_config().audio_token_index == config.audio_token_index - 1
+
+
+# -- Granite Speech 5.0: its own architecture (fms_granite_speech.speech5) ------------------------------------------
+
+
+def _speech5_features():
+    from fms_granite_speech.speech5 import GraniteSpeech5FeatureExtractor
+
+    wave, _ = load_wav(shipped_audio("fox"))
+    return GraniteSpeech5FeatureExtractor()(wave[0])["input_features"]
+
+
+class GraniteSpeech5Fixtures(ConfigFixtureMixin, ModelFixtureMixin):
+    """The ``tiny`` variant of ``granite_speech5`` (real depth and subsampling, small widths)."""
+
+    @pytest.fixture(scope="class", autouse=True)
+    def uninitialized_model(self, config):
+        from fms_granite_speech.speech5 import GraniteSpeech5
+
+        return GraniteSpeech5(config)
+
+    @pytest.fixture(scope="class", autouse=True)
+    def config(self) -> ModelConfig:
+        from fms_granite_speech.speech5 import VARIANTS
+
+        return VARIANTS["tiny"]
+
+    def _maybe_get_initialized_parameter(self, key, parameter):
+        if key.endswith("batch_norm.running_var"):
+            return torch.rand_like(parameter) + 0.5  # a variance: positive
+        return None
+
+
+class TestGraniteSpeech5(ModelConfigTestSuite, ModelConsistencyTestSuite, ModelCompileTestSuite,
+                         GraniteSpeech5Fixtures):
+    # the features travel as an optional parameter: FMS's compile test calls get_signature without ``inp`` (its
+    # default is token ids), so a model fed features alone names none of get_signature's positional inputs
+    _get_signature_params: list = []
+    _get_signature_input_ids = None
+    _get_signature_optional_params = {"input_features": _speech5_features()}
+
+    def test_config_passed_to_model_and_updated(self, model, config):
+        model = type(model)(config=config, context_size=8)
+        assert model.get_config() is not config and model.get_config().context_size == 8
+        assert config.context_size == 16
+
+    @pytest.mark.slow  # inductor over the 16 blocks (the slower tier)
+    def test_model_compile_no_graph_breaks(self, model):
+        super().test_model_compile_no_graph_breaks(model)
