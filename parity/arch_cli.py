@@ -7,7 +7,6 @@ FMS cannot build or load transformers' model, which a porter must be told, not a
 
 from __future__ import annotations
 
-import os
 import shlex
 from typing import Sequence
 
@@ -109,11 +108,10 @@ def diff(args, argv: Sequence[str], cases: Sequence[str], progress=None) -> int:
     """``parity diff --architecture NAME``: the derived-map comparison of each case; a report per run."""
     import torch
 
-    from parity._atomic import stage_file
     from parity.derive import DeriveError
     from parity.engine import run_architecture
     from parity.models import BuildError, plugin
-    from parity.report import DEFAULT_REPORT_DIR, format_table, summary_lines, write_report, write_suite_report
+    from parity.report import DEFAULT_REPORT_DIR, format_table, publish_runs, summary_lines
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -162,18 +160,8 @@ def diff(args, argv: Sequence[str], cases: Sequence[str], progress=None) -> int:
     if args.json:
         payload = runs[0][1].to_json() if len(runs) == 1 else json.dumps(
             {"results": {c: r.to_dict() for c, r in runs}}, indent=1, allow_nan=False)
-    json_tmp = stage_file(args.json, payload + "\n") if payload is not None and not to_stdout else None
-    try:
-        paths = write_report(runs[0][1], out_dir) if len(runs) == 1 else write_suite_report(dict(runs), out_dir)
-    except BaseException:
-        if json_tmp is not None:
-            json_tmp.unlink(missing_ok=True)
-        raise
-    if json_tmp is not None:
-        os.replace(json_tmp, args.json)
-    if to_stdout:
-        print(payload)
-    else:
+    paths = publish_runs(runs, out_dir, args.json, payload)
+    if not to_stdout:
         print("report: " + " ".join(str(x) for x in paths))
     return EXIT_PASS if all(r.passed for _, r in runs) else EXIT_FAIL
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from parity._atomic import stage_file, write_atomic
+from parity._atomic import write_atomic
 from parity._shell import OneLineParser, interruptible
 
 __all__ = ["main"]
@@ -479,8 +479,8 @@ def _run_diff(args, argv, cases, progress) -> int:
     from parity.compare import run_parity
     from parity.inputs import CASES, build_inputs
     from parity.pair import build_pair
-    from parity.report import (DEFAULT_REPORT_DIR, attribution_table, drift_table, format_table, summary_lines,
-                               write_report, write_suite_report)
+    from parity.report import (DEFAULT_REPORT_DIR, attribution_table, drift_table, format_table, publish_runs,
+                               summary_lines)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -572,20 +572,7 @@ def _run_diff(args, argv, cases, progress) -> int:
     try:
         # the --json file is written aside first, the report published, then the file renamed into place: a full
         # disk or a failed publish leaves both the earlier report and the earlier JSON whole
-        json_tmp = stage_file(args.json, payload + "\n") if payload is not None and not to_stdout else None
-        try:
-            if len(runs) == 1:
-                paths = write_report(runs[0][1], out_dir)
-            else:
-                paths = write_suite_report({name: r for name, r in runs}, out_dir)
-        except BaseException:
-            if json_tmp is not None:
-                json_tmp.unlink(missing_ok=True)
-            raise
-        if json_tmp is not None:
-            os.replace(json_tmp, args.json)
-        if to_stdout:
-            print(payload)
+        paths = publish_runs(runs, out_dir, args.json, payload)
     except (ValueError, OSError) as err:  # the folder became unwritable, the disk is full: nothing was replaced
         raise _UsageError(_first_line(err)) from None
     if not to_stdout:

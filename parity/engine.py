@@ -30,7 +30,7 @@ from torch import nn
 from parity._json import json_safe
 from parity.capture import first_tensor
 from parity.derive import CONCAT, GATHER, SAME, DerivedMap, DerivedPair, derive, probe_outputs
-from parity.metrics import TensorDiff, Tolerance, compare_tensors, default_tolerance, rounding_tolerance
+from parity.metrics import Tolerance, compare_tensors, default_tolerance, rounding_tolerance
 from parity.pathmap import ROUNDING, LayerPair
 from parity.result import LayerResult, ParityResult
 
@@ -287,7 +287,6 @@ def run_architecture(plugin, *, dtype: str = "float32", case: Optional[str] = No
     torch_dtype = built.dtype
     results: list[tuple[int, LayerResult]] = []
     flat: list[str] = []  # rows where HF's float64 run is not finite: the per-dtype bound instead
-    first_row: Optional[_Row] = None
     for row in rows:
         side_h = rh.ins if row.tensor == "input" else rh.outs
         key = row.pair.hf

@@ -308,6 +308,33 @@ def write_report(result: ParityResult, out_dir: Union[str, Path] = DEFAULT_REPOR
     return out / JSON_NAME, out / MD_NAME
 
 
+def publish_runs(runs, out_dir: Union[str, Path], json_path: Optional[str], payload: Optional[str]) -> list[Path]:
+    """Publish one command's results: ``payload`` (the results' JSON, when ``--json`` asked for it) is written aside
+    first, the report (``write_report`` for one run, ``write_suite_report`` for several ``(name, result)``) is
+    published, then the JSON file is renamed into place, so a full disk or a failed publish leaves both the earlier
+    report and the earlier JSON whole. ``json_path == "-"`` prints ``payload`` instead. Returns the report's paths.
+
+    Raises:
+        ValueError / OSError: the report folder or the JSON file cannot be written (nothing was replaced).
+    """
+    from parity._atomic import stage_file
+
+    to_stdout = json_path == "-"
+    json_tmp = stage_file(json_path, payload + "\n") if payload is not None and not to_stdout else None
+    try:
+        paths = list(write_report(runs[0][1], out_dir) if len(runs) == 1
+                     else write_suite_report({name: r for name, r in runs}, out_dir))
+    except BaseException:
+        if json_tmp is not None:
+            json_tmp.unlink(missing_ok=True)
+        raise
+    if json_tmp is not None:
+        os.replace(json_tmp, json_path)
+    if to_stdout:
+        print(payload)
+    return paths
+
+
 # -- environment, depth plot, suite report, regeneration --------------------------------------------------------------
 
 
