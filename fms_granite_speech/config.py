@@ -193,9 +193,10 @@ class GraniteSpeechConfig(ModelConfig):
         """Return the equivalent ``transformers.GraniteSpeechConfig`` (eval-mode dropout values kept at HF defaults);
         a ``transformers.GraniteSpeechPlusConfig`` when the encoder concatenates hidden states
         (``encoder.cat_hidden_layers``)."""
-        from transformers import GraniteSpeechConfig as HFConfig
+        from transformers import GraniteSpeechConfig, GraniteSpeechPlusConfig
 
         e, p, d = self.encoder, self.projector, self.decoder
+        HFConfig = GraniteSpeechPlusConfig if e.cat_hidden_layers else GraniteSpeechConfig
         ffn = _decoder_ffn_dim(d)
         text_config = dict(
             model_type="granite",
@@ -231,8 +232,6 @@ class GraniteSpeechConfig(ModelConfig):
             conv_expansion_factor=e.conv_expansion_factor,
         )
         if e.cat_hidden_layers:
-            from transformers import GraniteSpeechPlusConfig as HFConfig  # noqa: F811 - the Plus model's config
-
             encoder_config["cat_hidden_layers"] = list(e.cat_hidden_layers)
         projector_config = dict(
             model_type="blip_2_qformer",
