@@ -2,6 +2,7 @@
 
     granite-speech transcribe CLIP [MORE ...] --checkpoint DIR [--max-new-tokens N] [--dtype D] [--device D]
     granite-speech transcribe CLIP --variant tiny [--seed N]        (random weights: a smoke test, text meaningless)
+    granite-speech transcribe CLIP --variant 5.0-tiny | --checkpoint CTC_DIR   (Granite Speech 5.0: greedy CTC)
 
 This module parses and checks the command line without importing torch (``granite-speech --help`` and usage errors
 answer at once: importing ``fms_granite_speech`` registers the model with FMS, which imports torch and FMS, several
@@ -28,6 +29,7 @@ __all__ = ["main"]
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("tiny", "3.3-2b", "3.3-8b", "tiny-plus", "4.1-2b-plus", "tiny-4.0")  # fms_granite_speech.config.VARIANTS (tests/test_cli_errors.py checks)
+CTC_VARIANTS = ("5.0-tiny", "5.0-470m")  # Granite Speech 5.0 (CTC): fms_granite_speech.cli.CTC_VARIANTS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("audio", nargs="+", metavar="CLIP", help="audio file(s): WAV / FLAC / OGG, any sample rate")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", metavar="DIR", help="HF Granite Speech checkpoint folder with its tokenizer")
-    weights.add_argument("--variant", choices=VARIANTS,
+    weights.add_argument("--variant", choices=VARIANTS + CTC_VARIANTS,
                          help="named config with seeded RANDOM weights (e.g. tiny): a smoke test only")
     p.add_argument("--seed", type=int, default=0, help="weight seed for --variant (default 0)")
     p.add_argument("--prompt", default=None, help="instruction for the model (default: transcribe the speech)")

@@ -92,6 +92,89 @@ def _check_file(extractor, path: str) -> Optional[str]:
     return None
 
 
+# granite-speech transcribe --variant names of Granite Speech 5.0 (fms_granite_speech.speech5.VARIANTS)
+CTC_VARIANTS = {"5.0-tiny": "tiny", "5.0-470m": "5.0-470m"}
+
+
+def _is_ctc_folder(folder: str) -> bool:
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "granite_speech5_ctc"
+    except (OSError, ValueError, AttributeError):
+        return False  # the Granite Speech loader says what is wrong with the folder
+
+
+def _ctc_model(args, dtype: torch.dtype, device: torch.device):
+    """(model, tokenizer or None) of Granite Speech 5.0: a folder (its tokenizer when it ships one), or seeded random
+    weights converted from transformers' model by the FMS adapter (no tokenizer: token ids are printed)."""
+    from fms_granite_speech import speech5
+
+    if args.checkpoint is not None:
+        try:
+            model = speech5.get_model(model_path=args.checkpoint)
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            raise UsageError(f"cannot load {args.checkpoint}: {_one_line(err)}") from None
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(args.checkpoint), local_files_only=True)
+        except (OSError, ValueError, TypeError) as err:
+            raise UsageError(f"cannot load the tokenizer of {args.checkpoint}: {_one_line(err)}") from None
+        return model.to(device=device, dtype=dtype).eval(), tokenizer
+    import transformers
+    from fms.utils.serialization import load_state_dict_into_model
+
+    from fms_granite_speech.testing import realistic_init_
+
+    config = speech5.VARIANTS[CTC_VARIANTS[args.variant]]
+    torch.manual_seed(args.seed)
+    hf = realistic_init_(transformers.GraniteSpeech5ForCTC(config.to_hf()), args.seed).eval()
+    with torch.device("meta"):
+        model = speech5.GraniteSpeech5(config)
+    model.to_empty(device="cpu")
+    load_state_dict_into_model(model, dict(hf.state_dict()), speech5.ARCHITECTURE, "hf")
+    model.post_init()
+    return model.to(device=device, dtype=dtype).eval(), None
+
+
+def _run_ctc(args, dtype: torch.dtype, device: torch.device, say) -> int:
+    """Granite Speech 5.0: each file read and checked as for the other models (resampling and down-mixing as asked),
+    its 80-bin features, the CTC logits, greedy CTC decoding (``speech5.ctc_greedy``), the tokenizer's text."""
+    from fms_granite_speech import speech5
+    from fms_granite_speech.features import GraniteSpeechFeatureExtractor
+
+    say("loading the model")
+    model, tokenizer = _ctc_model(args, dtype, device)
+    if tokenizer is None:
+        print(f"# random weights (variant {args.variant}, seed {args.seed}): CTC token ids, no tokenizer")
+    reader = GraniteSpeechFeatureExtractor(resample=args.resample, downmix=args.downmix)
+    extractor = speech5.GraniteSpeech5FeatureExtractor(num_mel_bins=model.config.num_mel_bins)
+    failed = 0
+    for clip in args.audio:
+        try:
+            problem = _check_file(reader, clip)
+            if problem is not None:
+                raise ValueError(problem)
+            ((wave, rate, name),) = reader._split(clip, None)
+            feats = extractor([reader._mono(wave, rate, name)])
+            with torch.no_grad():
+                logits = model(feats["input_features"].to(device=device, dtype=dtype),
+                               attention_mask=feats["attention_mask"].to(device))
+            lengths = speech5.output_lengths(feats["attention_mask"].sum(1), model.config)
+            (ids,) = speech5.ctc_greedy(logits, model.config.blank_id, lengths)
+            text = tokenizer.decode(ids) if tokenizer is not None else " ".join(f"<{i}>" for i in ids)
+        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+            failed += 1
+            message = _one_line(err)
+            print(f"granite-speech transcribe: error: {message if clip in message else f'{clip}: {message}'}",
+                  file=sys.stderr, flush=True)
+            continue
+        print(text if len(args.audio) == 1 else f"{clip}: {text}", flush=True)
+    return EXIT_FAIL if failed else EXIT_OK
+
+
 def run_transcribe(args) -> int:
     """``granite-speech transcribe`` after its command line was checked (see ``granite_speech_cli``).
 
@@ -109,6 +192,8 @@ def run_transcribe(args) -> int:
         if args.progress is not False:
             print(f"granite-speech transcribe: {message}", file=sys.stderr, flush=True)
 
+    if args.variant in CTC_VARIANTS or (args.checkpoint is not None and _is_ctc_folder(args.checkpoint)):
+        return _run_ctc(args, dtype, device, say)
     say("loading the model")
     if args.checkpoint is not None:
         model, tokenizer = _load_checkpoint(args.checkpoint, dtype, device)

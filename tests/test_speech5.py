@@ -185,3 +185,52 @@ def test_planted_ctc_blank_index():
     r = check_ctc(p, built=b)
     assert not r.passed and r.forward.passed and all(m is None for m in r.first_frame_mismatch)
     assert "the decoding (blank id, collapse) differs" in r.verdict()
+
+
+# -- granite-speech transcribe ---------------------------------------------------------------------------------------
+
+
+def _hf_reference_ids(seed: int, clip: str):
+    """transformers' GraniteSpeech5ForCTC with the CLI's random weights: generate (per-frame argmax), collapsed."""
+    import transformers
+
+    from fms_granite_speech.testing import realistic_init_
+    from parity.ctc import _collapse
+
+    config = VARIANTS["tiny"]
+    torch.manual_seed(seed)
+    hf = realistic_init_(transformers.GraniteSpeech5ForCTC(config.to_hf()), seed).eval()
+    wave, _ = load_wav(clip)
+    x = transformers.GraniteSpeech5FeatureExtractor()(wave[0].numpy(), sampling_rate=16000, return_tensors="pt")
+    frames = hf.generate(**x)[0]
+    n = int(output_lengths(x["attention_mask"].sum(1), config)[0])
+    return hf, _collapse(frames[:n].tolist(), config.blank_id)
+
+
+def test_transcribe_random_5_0_matches_transformers_ids(capsys):
+    from granite_speech_cli import main
+
+    clip = str(shipped_audio("fox"))
+    assert main(["transcribe", clip, "--variant", "5.0-tiny", "--seed", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("# random weights (variant 5.0-tiny, seed 3)")
+    got = [int(t.strip("<>")) for t in out[1].split()]
+    _, want = _hf_reference_ids(3, clip)
+    assert got == want and got
+
+
+def test_transcribe_5_0_folder_with_its_tokenizer(tmp_path, capsys):
+    from fms_granite_speech.tokenizer_utils import build_test_tokenizer
+    from granite_speech_cli import main
+
+    clip = str(shipped_audio("ships"))
+    hf, ids = _hf_reference_ids(4, clip)
+    hf.save_pretrained(tmp_path / "ctc")
+    tokenizer = build_test_tokenizer(VARIANTS["tiny"].vocab_size, VARIANTS["tiny"].vocab_size - 1)
+    tokenizer.save_pretrained(tmp_path / "ctc")
+    assert main(["transcribe", clip, "--checkpoint", str(tmp_path / "ctc"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == tokenizer.decode(ids)
+    # a file that cannot be read is named, the others still transcribed (exit 1)
+    assert main(["transcribe", clip, str(tmp_path), "--checkpoint", str(tmp_path / "ctc"), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert f"{clip}: {tokenizer.decode(ids)}" in captured.out and "is a folder, not an audio file" in captured.err
