@@ -186,15 +186,24 @@ def _first(result):
     return f.name, f.explanation or {}
 
 
-def test_planted_q_row_swap_llama():
-    p = plugin("llama")
+@pytest.mark.parametrize("name,weight,rows,expected", [
+    # a q row swap in llama's fused q/k/v: named at the q channels of qkv_fused
+    ("llama", lambda m: m.base_model.layers[1].attn.in_proj.qkv_fused.weight, [0, 5],
+     "base_model.layers.1.attn.in_proj.qkv_fused[q_proj]"),
+    # qwen3's q/k norms act on RoPE-permuted channels in FMS: the derived gather lines them up, so two swapped
+    # channels of one k_norm weight show at that norm
+    ("qwen3", lambda m: m.base_model.layers[1].attn.in_proj.k_norm.weight, [0, 3],
+     "base_model.layers.1.attn.in_proj.k_norm[k_norm]"),
+])
+def test_planted_row_swap(name, weight, rows, expected):
+    p = plugin(name)
     b = p.build("float32")
-    w = b.fms.base_model.layers[1].attn.in_proj.qkv_fused.weight
+    w = weight(b.fms)
     with torch.no_grad():
-        w[[0, 5]] = w[[5, 0]]
-    name, why = _first(run_architecture(p, built=b))
-    assert name == "base_model.layers.1.attn.in_proj.qkv_fused[q_proj]"
-    assert why["introduced_in"] == "base_model.layers.1.attn.in_proj.qkv_fused"
+        w[rows] = w[rows[::-1]]
+    found, why = _first(run_architecture(p, built=b))
+    assert found == expected
+    assert why["introduced_in"] == expected.split("[")[0]
 
 
 def test_planted_norm_epsilon_granite():
@@ -223,18 +232,6 @@ def test_planted_gate_up_order_granite_swa():
         w.copy_(torch.cat([w[half:], w[:half]]))
     name, _ = _first(run_architecture(p, built=b))
     assert name == "base_model.layers.2.ff_sub_layer.wg1_fused[gate_proj]"
-
-
-def test_planted_k_norm_channel_swap_qwen3():
-    """qwen3's q/k norms act on RoPE-permuted channels in FMS: the derived gather lines them up, so two swapped
-    channels of one k_norm weight show at that norm."""
-    p = plugin("qwen3")
-    b = p.build("float32")
-    w = b.fms.base_model.layers[1].attn.in_proj.k_norm.weight
-    with torch.no_grad():
-        w[[0, 3]] = w[[3, 0]]
-    name, _ = _first(run_architecture(p, built=b))
-    assert name == "base_model.layers.1.attn.in_proj.k_norm[k_norm]"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
