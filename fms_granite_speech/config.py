@@ -31,6 +31,8 @@ from fms.utils.config import ModelConfig
 
 # transformers model types this port reads: Granite Speech 3.3 / 4.0 / 4.1 and Granite Speech Plus (4.1-2b-plus)
 MODEL_TYPES = ("granite_speech", "granite_speech_plus")
+# text_config.model_type values whose decoder is FMS's Granite (granitemoehybrid: its dense, all-attention form)
+DECODER_TYPES = ("granite", "granitemoehybrid")
 
 
 @dataclass
@@ -156,6 +158,11 @@ class GraniteSpeechConfig(ModelConfig):
     lora: Optional[LoRAConfig] = field(default_factory=LoRAConfig)
     audio_token_index: int = 49159
     fused_weights: bool = True
+    # the transformers model type of the decoder (text_config.model_type): "granite" (3.3), or "granitemoehybrid"
+    # (Granite 4.0's class, e.g. granite-4.0-1b-base's config.json: GraniteMoeHybridForCausalLM with every layer
+    # attention, no experts, RoPE) whose dense form is FMS's Granite; its MLP is stored as shared_mlp.input_linear
+    # (gate and up stacked) and output_linear
+    decoder_type: str = "granite"
 
     def __post_init__(self):
         for name, cls in (("encoder", EncoderConfig), ("projector", ProjectorConfig), ("decoder", GraniteConfig),
@@ -173,6 +180,9 @@ class GraniteSpeechConfig(ModelConfig):
                 f"width {self.encoder.output_width} (hidden_dim={self.encoder.hidden_dim}"
                 + (f" x {1 + len(cat)}: cat_hidden_layers={list(cat)}" if cat else "") + ")"
             )
+        if self.decoder_type not in DECODER_TYPES:
+            raise ValueError(f"decoder_type={self.decoder_type!r}; this port reads {', '.join(DECODER_TYPES)} "
+                             "decoders (FMS's Granite)")
         if not 0 <= self.audio_token_index < self.decoder.src_vocab_size:
             raise ValueError(
                 f"audio_token_index={self.audio_token_index} is outside the decoder vocabulary "
@@ -218,6 +228,15 @@ class GraniteSpeechConfig(ModelConfig):
             logits_scaling=d.logits_scaling,
             pad_token_id=d.pad_id if d.pad_id >= 0 else None,
         )
+        if self.decoder_type == "granitemoehybrid":
+            heads = 1
+            while (2 * d.emb_dim) % (heads * 2) == 0 and heads < 8:  # mamba fields transformers validates, unused
+                heads *= 2
+            text_config.update(model_type="granitemoehybrid", shared_intermediate_size=ffn,
+                               layer_types=["attention"] * d.nlayers, num_local_experts=0, num_experts_per_tok=0,
+                               position_embedding_type="rope", mamba_n_heads=heads,
+                               mamba_d_head=2 * d.emb_dim // heads)
+            text_config.pop("head_dim")
         encoder_config = dict(
             input_dim=e.input_dim,
             num_layers=e.num_layers,
@@ -275,6 +294,22 @@ class GraniteSpeechConfig(ModelConfig):
         if getattr(hf_config, "model_type", None) not in MODEL_TYPES:
             raise ValueError(f"expected a {' or '.join(MODEL_TYPES)} config, got model_type={hf_config.model_type!r}")
         t, ec, pc = hf_config.text_config, hf_config.encoder_config, hf_config.projector_config
+        text_type = getattr(t, "model_type", "granite")
+        if text_type not in DECODER_TYPES:
+            raise ValueError(f"text_config.model_type={text_type!r}: this port builds FMS's Granite decoder from "
+                             f"{' or '.join(DECODER_TYPES)} text configs (FMS also has granite_moe_hybrid, whose "
+                             "Mamba and expert layers this port does not run)")
+        if text_type == "granitemoehybrid":
+            kinds = sorted(set(getattr(t, "layer_types", None) or ["attention"]))
+            if any(k not in ("attention", "full_attention") for k in kinds):
+                raise ValueError(f"text_config.layer_types holds {kinds}: this port runs a granitemoehybrid decoder "
+                                 "whose every layer is attention (Mamba layers are not ported)")
+            if getattr(t, "num_local_experts", 0):
+                raise ValueError(f"text_config.num_local_experts={t.num_local_experts}: expert layers are not ported "
+                                 "(a dense granitemoehybrid decoder has 0)")
+            if getattr(t, "position_embedding_type", "rope") != "rope":
+                raise ValueError(f"text_config.position_embedding_type={t.position_embedding_type!r}: FMS's Granite "
+                                 "applies RoPE; a decoder without positional embeddings (nope) is not ported")
         rope = dict(getattr(t, "rope_parameters", None) or {})
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"decoder RoPE type {rope.get('rope_type')!r} is not supported (only 'default')")
@@ -294,7 +329,7 @@ class GraniteSpeechConfig(ModelConfig):
             heads=t.num_attention_heads,
             kv_heads=t.num_key_value_heads or t.num_attention_heads,
             head_dim=head_dim,
-            ffn=t.intermediate_size,
+            ffn=t.shared_intermediate_size if text_type == "granitemoehybrid" else t.intermediate_size,
             rope_theta=float(rope.get("rope_theta", getattr(t, "rope_theta", 10_000.0))),
             max_seq_len=t.max_position_embeddings,
             norm_eps=t.rms_norm_eps,
@@ -335,6 +370,7 @@ class GraniteSpeechConfig(ModelConfig):
             ),
             decoder=decoder,
             lora=lora if hf_config.has_lora_adapter else None,
+            decoder_type=text_type,
             audio_token_index=hf_config.audio_token_index,
         )
 
@@ -625,11 +661,11 @@ _TINY_PLUS = _TINY.replace(encoder=dataclasses.replace(_TINY.encoder, **_PLUS_EN
 _2B_PLUS = _2B.replace(encoder=dataclasses.replace(_2B.encoder, **_PLUS_ENCODER),
                        projector=dataclasses.replace(_2B.projector, encoder_hidden_size=2 * 1024))
 
-# granite-4.0-1b-speech: the 3.3 structure with a Granite decoder (llama.cpp's converter folds its text model into
-# GraniteModel, ggml-org/llama.cpp PR 22101) and no modality LoRA adapter (its model card). Its decoder widths are
-# not in the public sources at hand, so only the structure has a variant: tiny-4.0 (tiny's widths, no adapter); a
-# real folder's config.json gives the widths.
-_TINY_4_0 = _TINY.replace(lora=None)
+# granite-4.0-1b-speech: the 3.3 structure, no modality LoRA adapter (its model card), and the decoder of
+# granite-4.0-1b-base, whose config.json names GraniteMoeHybridForCausalLM with every layer attention, no experts and
+# RoPE (the dense form FMS's Granite runs; llama.cpp's converter likewise folds it into GraniteModel, ggml-org/llama.cpp
+# PR 22101). tiny-4.0 has that structure at tiny's widths; a real folder's config.json gives the widths.
+_TINY_4_0 = _TINY.replace(lora=None, decoder_type="granitemoehybrid")
 
 VARIANTS: dict[str, GraniteSpeechConfig] = {"tiny": _TINY, "3.3-2b": _2B, "3.3-8b": _8B, "tiny-plus": _TINY_PLUS,
                                             "4.1-2b-plus": _2B_PLUS, "tiny-4.0": _TINY_4_0}

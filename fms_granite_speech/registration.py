@@ -295,6 +295,26 @@ def _check_fusion_groups(decoder_sd: Mapping[str, Any]) -> None:
             )
 
 
+_SHARED_MLP = re.compile(r"^(model\.layers\.\d+\.)shared_mlp\.(input_linear|output_linear)\.weight$")
+
+
+def _granite_mlp_names(decoder: dict, sources: dict) -> None:
+    """A granitemoehybrid decoder's MLP in GraniteForCausalLM names, in place: ``shared_mlp.input_linear`` holds the
+    gate rows then the up rows (transformers' ``GraniteMoeHybridMLP`` chunks its output in two and activates the
+    first), ``shared_mlp.output_linear`` is ``down_proj``."""
+    for key in [k for k in decoder if _SHARED_MLP.match(k)]:
+        layer, which = _SHARED_MLP.match(key).groups()
+        value, source = decoder.pop(key), sources.pop(key)
+        if which == "output_linear":
+            decoder[layer + "mlp.down_proj.weight"], sources[layer + "mlp.down_proj.weight"] = value, source
+            continue
+        if value.shape[0] % 2:
+            raise ValueError(f"{source} has {value.shape[0]} rows: gate and up rows stacked must be an even count")
+        half = value.shape[0] // 2
+        for name, rows in (("gate_proj", value[:half]), ("up_proj", value[half:])):
+            decoder[f"{layer}mlp.{name}.weight"], sources[f"{layer}mlp.{name}.weight"] = rows, source
+
+
 def _hf_decoder_to_fms(input_sd: Mapping[str, Any], model_config=None, **kwargs) -> dict[str, Any]:
     """HF decoder keys (any layout) -> ``decoder.*`` through FMS granite's registered "hf" adapter.
 
@@ -318,6 +338,7 @@ def _hf_decoder_to_fms(input_sd: Mapping[str, Any], model_config=None, **kwargs)
             )
         decoder[rel], sources[rel] = value, key
     if decoder:
+        _granite_mlp_names(decoder, sources)
         d = _model_config(model_config).decoder
         _drop_misshapen(decoder, sources, d, kwargs.get("problems"))
     if decoder:

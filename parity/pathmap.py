@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Union
 
@@ -122,10 +122,11 @@ class LayerCounts:
     ``.decoder.nlayers``): what ``expand`` and ``resolve`` need, without the model's config (which imports torch)."""
 
     def __init__(self, encoder_layers: int, projector_layers: int, cross_attention_frequency: int,
-                 decoder_layers: int):
+                 decoder_layers: int, decoder_type: str = "granite"):
         self.encoder = _Counts(num_layers=encoder_layers)
         self.projector = _Counts(num_layers=projector_layers, cross_attention_frequency=cross_attention_frequency)
         self.decoder = _Counts(nlayers=decoder_layers)
+        self.decoder_type = decoder_type  # text_config.model_type: a granitemoehybrid decoder names its MLP shared_mlp
 
     def __eq__(self, other) -> bool:
         return isinstance(other, LayerCounts) and vars(self) == vars(other)
@@ -134,7 +135,8 @@ class LayerCounts:
     def of(cls, config) -> "LayerCounts":
         """The counts of a ``GraniteSpeechConfig`` (or of anything shaped like one)."""
         return cls(config.encoder.num_layers, config.projector.num_layers,
-                   config.projector.cross_attention_frequency, config.decoder.nlayers)
+                   config.projector.cross_attention_frequency, config.decoder.nlayers,
+                   getattr(config, "decoder_type", "granite"))
 
 
 # The named variants' layer counts (tests/test_pathmap.py checks them against fms_granite_speech.config.VARIANTS),
@@ -145,7 +147,7 @@ VARIANT_LAYERS: dict[str, LayerCounts] = {
     "3.3-8b": LayerCounts(16, 2, 1, 40),
     "tiny-plus": LayerCounts(16, 2, 1, 4),
     "4.1-2b-plus": LayerCounts(16, 2, 1, 40),
-    "tiny-4.0": LayerCounts(16, 2, 1, 4),
+    "tiny-4.0": LayerCounts(16, 2, 1, 4, "granitemoehybrid"),
 }
 
 
@@ -170,7 +172,8 @@ def counts_of_checkpoint(folder: Union[str, Path]) -> LayerCounts:
     try:
         enc, proj, text = raw.get("encoder_config") or {}, raw.get("projector_config") or {}, raw["text_config"]
         return LayerCounts(int(enc.get("num_layers", 16)), int(proj.get("num_hidden_layers", 2)),
-                           int(proj.get("cross_attention_frequency", 1)), int(text["num_hidden_layers"]))
+                           int(proj.get("cross_attention_frequency", 1)), int(text["num_hidden_layers"]),
+                           str(text.get("model_type") or "granite"))
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ValueError(f"{file} has no text_config.num_hidden_layers: not a complete Granite Speech config") \
             from None
@@ -390,8 +393,13 @@ def expand(config: GraniteSpeechConfig) -> list[LayerPair]:
             pairs.append(_concrete(r, j))
     pairs += [_concrete(r) for r in PATH_MAP if r.name == "projector"]
     pairs += [_concrete(r) for r in _rows("decoder.merged_embeddings")]
+    hybrid = getattr(config, "decoder_type", "granite") == "granitemoehybrid"
     for i in range(d.nlayers):
-        pairs += [_concrete(r, i) for r in _rows("decoder.layers.{}")]
+        for r in _rows("decoder.layers.{}"):
+            pair = _concrete(r, i)
+            if hybrid and pair.hf.endswith(".mlp"):  # a granitemoehybrid decoder names its MLP shared_mlp
+                pair = replace(pair, hf=pair.hf[: -len("mlp")] + "shared_mlp")
+            pairs.append(pair)
     pairs += [_concrete(r) for r in _rows("decoder.norm")]
     pairs += [_concrete(r) for r in _rows("logits")]
     return pairs

@@ -196,3 +196,31 @@ def test_tiny_4_0_folder_has_no_adapter_files_and_loads_strictly(tmp_path, no_ad
         got = model(x.input_ids, input_features=x.input_features, input_features_mask=x.input_features_mask)
         want = no_adapter.fms(x.input_ids, input_features=x.input_features, input_features_mask=x.input_features_mask)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_tiny_4_0_decoder_is_transformers_granitemoehybrid(no_adapter):
+    """granite-4.0-1b's text model is GraniteMoeHybrid (all attention, no experts, RoPE): HF runs that class, FMS its
+    Granite decoder, the checkpoint's shared_mlp split into gate and up rows by the adapter."""
+    lm = no_adapter.hf.model.language_model
+    assert type(lm).__name__ == "GraniteMoeHybridModel"
+    assert no_adapter.config.decoder_type == "granitemoehybrid"
+    assert "model.language_model.layers.0.shared_mlp.input_linear.weight" in no_adapter.hf.state_dict()
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(layer_types=["mamba", "attention", "attention", "attention"]), "Mamba layers are not ported"),
+    (dict(num_local_experts=4, num_experts_per_tok=2), "expert layers are not ported"),
+    (dict(position_embedding_type="nope"), "without positional embeddings (nope) is not ported"),
+])
+def test_granitemoehybrid_decoders_this_port_cannot_run_are_refused(change, needle):
+    hf = get_config("tiny-4.0").to_hf().to_dict()
+    hf["text_config"].update(change)
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        GraniteSpeechConfig.from_hf(hf)
+
+
+def test_a_text_model_type_fms_granite_cannot_build_is_named():
+    hf = get_config("tiny").to_hf().to_dict()
+    hf["text_config"]["model_type"] = "llama"
+    with pytest.raises(ValueError, match="text_config.model_type='llama'"):
+        GraniteSpeechConfig.from_hf(hf)
