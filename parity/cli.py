@@ -357,8 +357,12 @@ def _cmd_map(args, argv) -> int:
                     return f"0..{n - 1}"
             return ""
 
-        rows = [(e.name, e.hf, e.fms or "<model output>", e.tensor, e.transform or "", e.kind or "", f"{e.factor:g}",
-                 index_range(e.name)) for e in pathmap.PATH_MAP]
+        def hf_path(e) -> str:  # a granitemoehybrid decoder (Granite 4.0) names its MLP shared_mlp
+            hybrid = getattr(counts, "decoder_type", "granite") == "granitemoehybrid"
+            return e.hf[: -len("mlp")] + "shared_mlp" if hybrid and e.name == "decoder.layers.{}.mlp" else e.hf
+
+        rows = [(e.name, hf_path(e), e.fms or "<model output>", e.tensor, e.transform or "", e.kind or "",
+                 f"{e.factor:g}", index_range(e.name)) for e in pathmap.PATH_MAP]
         print(f"HF <-> FMS path map ({source}: {len(pathmap.expand(counts))} comparable layers)")
         print(tabulate(rows, headers=("parity name", "HF module", "FMS module", "tensor", "transform", "replay",
                                       "bf16 factor", "{}")))
