@@ -510,7 +510,7 @@ def derive(hf: nn.Module, fms: nn.Module, architecture: str, *, source: str = "h
                       type(hf).__name__, _config_repr(hf), type(fms).__name__, _config_repr(fms),
                       list(exclude), sorted(hf.state_dict(keep_vars=True)), sorted(fms.state_dict(keep_vars=True)),
                       {side: sorted((k, tuple(v)) for k, v in (probe or {}).get(side, {}).items())
-                       for side in ("hf", "fms")}, _VERSION])
+                       for side in ("hf", "fms")}, _VERSION, _source_digest()])
     path = cache_dir() / f"{architecture}-{key}.json"
     if cache and path.is_file():
         try:
@@ -534,6 +534,14 @@ def derive(hf: nn.Module, fms: nn.Module, architecture: str, *, source: str = "h
 
 
 _VERSION = 3  # bump when the derivation changes what it returns (invalidates the cache)
+
+
+def _source_digest() -> str:
+    """This module's own source, hashed into the cache key: an edited derivation never reads an older one's map."""
+    try:
+        return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "unknown"
 
 
 def _transformers_layout(hf: nn.Module) -> Optional[Callable[[dict], dict]]:
