@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from fms_granite_speech.conformer import BatchNorm1d
 
 __all__ = ["ARCHITECTURE", "GraniteSpeech5", "GraniteSpeech5Config", "GraniteSpeech5FeatureExtractor", "VARIANTS",
-           "ctc_greedy", "output_lengths"]
+           "ctc_collapse", "ctc_greedy", "output_lengths"]
 
 ARCHITECTURE = "granite_speech5"
 
@@ -306,6 +306,9 @@ class GraniteSpeech5(nn.Module):
         self.config = config.updated(**kwargs) if kwargs else GraniteSpeech5Config(**config.as_dict())
         self.encoder = _Encoder(self.config)
         self.ctc_head = nn.Linear(self.config.hidden_size, self.config.vocab_size)
+        self._tie_ctc_head()
+
+    def _tie_ctc_head(self) -> None:
         if self.config.tie_ctc_head:
             self.ctc_head.weight, self.ctc_head.bias = self.encoder.out.weight, self.encoder.out.bias
 
@@ -336,8 +339,7 @@ class GraniteSpeech5(nn.Module):
         whatever memory ``to_empty`` gave it) and tie the CTC head to ``encoder.out`` (weight and bias), as
         transformers' ``_tied_weights_keys`` does."""
         self.encoder.attention_dists = self.encoder.distances(device=self.encoder.input_linear.weight.device)
-        if self.config.tie_ctc_head:
-            self.ctc_head.weight, self.ctc_head.bias = self.encoder.out.weight, self.encoder.out.bias
+        self._tie_ctc_head()
 
     def forward(self, input_features: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **attn_kwargs) -> torch.Tensor:
@@ -374,17 +376,19 @@ def ctc_greedy(logits: torch.Tensor, blank_id: int, lengths: Optional[torch.Tens
     Returns:
         one token-id list per item.
     """
-    best = logits.argmax(dim=-1)
-    out = []
-    for i, row in enumerate(best.tolist()):
-        n = len(row) if lengths is None else int(lengths[i])
-        ids, prev = [], None
-        for tok in row[:n]:
-            if tok != prev and tok != blank_id:
-                ids.append(tok)
-            prev = tok
-        out.append(ids)
-    return out
+    rows = logits.argmax(dim=-1).tolist()
+    return [ctc_collapse(row if lengths is None else row[: int(lengths[i])], blank_id) for i, row in enumerate(rows)]
+
+
+def ctc_collapse(frames: list[int], blank_id: int) -> list[int]:
+    """One clip's per-frame token ids -> its CTC token sequence: repeats collapsed, then blanks dropped (a blank
+    between two equal tokens keeps both)."""
+    ids, prev = [], None
+    for tok in frames:
+        if tok != prev and tok != blank_id:
+            ids.append(tok)
+        prev = tok
+    return ids
 
 
 class GraniteSpeech5FeatureExtractor:

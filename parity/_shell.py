@@ -17,10 +17,27 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "OneLineParser", "Terminated", "interruptible"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "OneLineParser", "Terminated", "error_line", "interruptible"]
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT   # 130
 EXIT_TERMINATED = 128 + signal.SIGTERM   # 143
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: first line`` of an exception (at most 400 characters) for a one-line verdict; for one without a message
+    (a bare ``assert``), the file, line and source line where it was raised instead."""
+    lines = str(err).strip().splitlines()
+    if lines:
+        return f"{type(err).__name__}: {lines[0][:400]}"
+    import traceback
+    from pathlib import Path
+
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return type(err).__name__
+    last = frames[-1]
+    where = "/".join(Path(last.filename).parts[-3:])
+    return f"{type(err).__name__} at {where}:{last.lineno}: {(last.line or '').strip()[:300]}"
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -24,7 +24,7 @@ _DEFAULTS = {"mode": ("eager", "--mode"), "memory": ("auto", "--memory"), "refer
 
 def check(args, found: list[str]) -> list[str]:
     """Problems of an ``--architecture`` command line (appended to ``found``); returns the cases to run."""
-    from parity.models import ARCHITECTURES, CASES, plugin
+    from parity.models import CASES, plugin
 
     try:
         p = plugin(args.architecture)
@@ -66,7 +66,6 @@ def check(args, found: list[str]) -> list[str]:
     unknown = [c for c in cases if c not in known]
     if unknown or not cases:
         found.append(f"unknown case(s) {unknown or [cases_arg]} for --architecture; known: {', '.join(known)}, or all")
-    del ARCHITECTURES
     return cases
 
 
@@ -83,7 +82,6 @@ def map_(args) -> int:
     try:
         built = p.build("float32", seed=0, variant=args.variant or "tiny", checkpoint=args.checkpoint,
                         fused_weights=not getattr(args, "unfused", False))
-        p._pair = getattr(built, "pair", None)
         dmap = derived_map(built, p, p.inputs(p.default_case, built.hf_config))
     except (BuildError, DeriveError) as err:
         print(f"parity map --architecture {p.name}: FAIL: {err}")

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from parity._shell import error_line
 from parity.engine import run_architecture
 from parity.models import PairPlugin, TextInputs
 from parity.result import ParityResult
@@ -129,7 +130,7 @@ def generate_architecture(plugin: PairPlugin, *, dtype: str = "float32", max_new
             fms_tokens = _fms_greedy(built.fms, x.input_ids, max_new_tokens)
             fms_error = None
         except Exception as err:  # noqa: BLE001 - the FMS generate raising is the verdict
-            fms_tokens, fms_error = [], f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+            fms_tokens, fms_error = [], error_line(err)
     mismatch = next((i for i, (a, b) in enumerate(zip(hf_tokens, fms_tokens)) if a != b),
                     None if len(fms_tokens) == len(hf_tokens) else min(len(hf_tokens), len(fms_tokens)))
     seq = torch.cat([x.input_ids, torch.tensor([hf_tokens])], dim=1)

@@ -22,18 +22,16 @@ import torch
 from parity.engine import run_architecture
 from parity.result import ParityResult
 
-__all__ = ["CTCParity", "check_ctc", "MIN_DISTINCT"]
+__all__ = ["CTCParity", "MIN_DISTINCT", "check_ctc", "conclusive"]
 
 MIN_DISTINCT = 3
 
 
-def _collapse(frames: list[int], blank: int) -> list[int]:
-    out, prev = [], None
-    for tok in frames:
-        if tok != prev and tok != blank:
-            out.append(tok)
-        prev = tok
-    return out
+def conclusive(hf_frames: list[list[int]], hf_tokens: list[list[int]], blank: int) -> bool:
+    """Every clip's HF path decodes to ``MIN_DISTINCT`` distinct tokens and its frames hold the blank and a repeated
+    token, so the decoding's blank and collapse rules both act."""
+    return all(len(set(t)) >= MIN_DISTINCT and blank in f and any(a == b != blank for a, b in zip(f, f[1:]))
+               for t, f in zip(hf_tokens, hf_frames))
 
 
 @dataclass
@@ -54,11 +52,8 @@ class CTCParity:
 
     @property
     def varied(self) -> bool:
-        """Conclusive: every clip's HF path decodes to ``MIN_DISTINCT`` distinct tokens and its frames hold the
-        blank and a repeated token (so the decoding's blank and collapse rules both act)."""
-        return all(len(set(t)) >= MIN_DISTINCT and self.blank in f
-                   and any(a == b != self.blank for a, b in zip(f, f[1:]))
-                   for t, f in zip(self.hf_tokens, self.hf_frames))
+        """Conclusive (``conclusive``)."""
+        return conclusive(self.hf_frames, self.hf_tokens, self.blank)
 
     @property
     def passed(self) -> bool:
@@ -90,7 +85,7 @@ def check_ctc(plugin, *, dtype: str = "float32", case: str = "speech_batch", see
               progress=None) -> CTCParity:
     """Greedy CTC decoding on both sides of an encoder-only CTC ``plugin`` (module docstring); with no ``built``,
     the first weight seed from ``seed`` on (up to 8) whose HF path decodes to varied tokens."""
-    from fms_granite_speech.speech5 import ctc_greedy
+    from fms_granite_speech.speech5 import ctc_collapse, ctc_greedy
 
     say = progress or (lambda _m: None)
     given = built is not None
@@ -106,9 +101,8 @@ def check_ctc(plugin, *, dtype: str = "float32", case: str = "speech_batch", see
         lengths = x.valid.sum(1)
         blank = int(built.hf.config.pad_token_id or 0)
         hf_frames = [row[: int(n)] for row, n in zip(frames.tolist(), lengths)]
-        hf_tokens = [_collapse(f, blank) for f in hf_frames]
-        probe = CTCParity(hf_frames, [], hf_tokens, [], [], None, blank=blank)  # type: ignore[arg-type]
-        if given or probe.varied:
+        hf_tokens = [ctc_collapse(f, blank) for f in hf_frames]
+        if given or conclusive(hf_frames, hf_tokens, blank):
             break
     with torch.no_grad():
         logits = plugin.run_fms(built.fms, x)

@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from parity._shell import error_line
+
 __all__ = ["DeriveError", "DerivedMap", "DerivedPair", "Unpaired", "cache_dir", "derive", "probe_outputs"]
 
 SAME = "same"              # equal sets of HF tensors: the outputs are compared as they are
@@ -137,12 +139,6 @@ class DerivedMap:
         close = difflib.get_close_matches(name, [p.name for p in self.pairs], n=3)
         raise KeyError(f"no derived row {name!r}; closest: {', '.join(close) or 'none'}")
 
-    def by_hf(self) -> dict[str, list[DerivedPair]]:
-        out: dict[str, list[DerivedPair]] = defaultdict(list)
-        for p in self.pairs:
-            out[p.hf].append(p)
-        return dict(out)
-
     def to_dict(self) -> dict:
         return {"architecture": self.architecture, "pairs": [p.to_dict() for p in self.pairs],
                 "unpaired": [dataclasses.asdict(u) for u in self.unpaired], "tensors": self.tensors,
@@ -187,6 +183,9 @@ class _Tags:
             raise DeriveError(f"{total} HF elements: more than float64 tags can tell apart (2**53)")
         self.starts = torch.tensor(starts, dtype=torch.int64)
         self.numels = torch.tensor(numels, dtype=torch.int64)
+        # elements per source row (dim 0) of each storage: what a whole-row FMS row must hold
+        rows = torch.tensor([s[0] if s else 1 for s in self.shapes], dtype=torch.int64)
+        self.row_size = (self.numels // rows.clamp(min=1)).clamp(min=1)
         self.total = total
 
     def tag(self, sid: int) -> torch.Tensor:
@@ -220,9 +219,7 @@ class _Tags:
                 part = v[r:r + step]
                 ok[r:r + step] &= ((part[:, 1:] - part[:, :-1]) == 1).all(1)
         numel_s = self.numels[sid.clamp(min=0)]
-        rows_s = torch.tensor([self.shapes[s][0] if self.shapes[s] else 1 for s in range(len(self.shapes))],
-                              dtype=torch.int64)[sid.clamp(min=0)] if self.shapes else torch.ones_like(sid)
-        src_row = (numel_s // rows_s.clamp(min=1)).clamp(min=1)
+        src_row = self.row_size[sid.clamp(min=0)]
         ok &= (src_row == per) & (elem % src_row == 0) & (elem + per <= numel_s)
         sources = set(int(x) for x in torch.unique(sid[ok]).tolist())
         untracked = 0
@@ -297,13 +294,7 @@ def _groups(keys: Iterable[str]) -> list[list[str]]:
     return out
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(err).__name__}: {line[:300]}"
-
-
-def _lineage(hf: nn.Module, fms: nn.Module, architecture: str, source: str, adapter_kwargs: Mapping[str, Any],
+def _lineage(hf: nn.Module, architecture: str, source: str, adapter_kwargs: Mapping[str, Any],
              to_checkpoint: Optional[Callable[[dict], dict]], exclude: Sequence[str]):
     from fms_granite_speech._fms_compat import adapter as fms_adapter
 
@@ -330,13 +321,13 @@ def _lineage(hf: nn.Module, fms: nn.Module, architecture: str, source: str, adap
             disk = to_checkpoint(tagged) if to_checkpoint is not None else tagged
         except Exception as err:  # noqa: BLE001 - transformers' reverse conversion, any failure is a verdict
             raise DeriveError(f"step 'checkpoint layout' (transformers' revert_weight_conversion) failed on "
-                              f"{group[0]}: {_first_line(err)}") from None
+                              f"{group[0]}: {error_line(err)}") from None
         for part in _groups(disk):
             try:
                 adapted = adapter({k: disk[k] for k in part}, **adapter_kwargs)
             except Exception as err:  # noqa: BLE001
                 raise DeriveError(f"step 'FMS {architecture!r} {source!r} adapter' rejects transformers' checkpoint "
-                                  f"keys {part[0]}...: {_first_line(err)}") from None
+                                  f"keys {part[0]}...: {error_line(err)}") from None
             for k, t in adapted.items():
                 lineage[k] = tags.decode(t)
         del tagged, disk, made
@@ -556,7 +547,7 @@ def _transformers_layout(hf: nn.Module) -> Optional[Callable[[dict], dict]]:
 
 
 def _derive(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclude, probe) -> DerivedMap:
-    tags, key_sid, lineage, peak = _lineage(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclude)
+    tags, key_sid, lineage, peak = _lineage(hf, architecture, source, adapter_kwargs, to_checkpoint, exclude)
     hf_mods = dict(hf.named_modules(remove_duplicate=False))
     fms_mods = dict(fms.named_modules(remove_duplicate=False))
     hf_sd = hf.state_dict(keep_vars=True)
@@ -643,7 +634,7 @@ def _derive(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclud
         linear = isinstance(hf_mods[p.hf], nn.Linear) and isinstance(fms_mods[p.fms], nn.Linear)
         if not linear and hf_sd[f"{p.hf}.weight"].dim() != 1:
             continue
-        g = _gather(p.hf, hf_mods, key_sid, row_home, tags)
+        g = _gather(p.hf, key_sid, row_home, tags)
         if g is not None and g[1] is not None and g[0] == [p.fms]:
             # one FMS module holding HF's channels in another order (RoPE rows, fused_weights=False)
             pairs[i] = dataclasses.replace(p, relation=GATHER, index=g[1], elementwise=not linear,
@@ -660,7 +651,7 @@ def _derive(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclud
             outer = parent
         if outer in paired_h:
             continue
-        g = _gather(p_h, hf_mods, key_sid, row_home, tags)
+        g = _gather(p_h, key_sid, row_home, tags)
         if g is None:
             continue
         parts, index = g
@@ -675,7 +666,7 @@ def _derive(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclud
     pairs.extend(new_pairs)
 
     # parameter-free modules, by class under the nearest paired ancestors
-    def nearest(path: str, sets, paired) -> Optional[str]:
+    def nearest(path: str, paired) -> Optional[str]:
         while path != "":
             path = path.rsplit(".", 1)[0] if "." in path else ""
             if path in paired:
@@ -685,7 +676,7 @@ def _derive(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclud
     free_f: dict[str, list[str]] = defaultdict(list)
     for f, mod in fms_mods.items():
         if not fms_sets[f] and not isinstance(mod, _SKIP_FREE) and not list(mod.children()):
-            anc = nearest(f, fms_sets, paired_f)
+            anc = nearest(f, paired_f)
             if anc is not None:
                 free_f[anc].append(f)
     direct = {p.hf: p.fms for p in pairs if p.relation == SAME}
@@ -701,7 +692,7 @@ def _derive(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclud
         if isinstance(mod, _SKIP_FREE):
             unpaired.append(Unpaired("hf", h, f"{type(mod).__name__}: no computation in eval mode"))
             continue
-        anc = nearest(h, hf_sets, direct)
+        anc = nearest(h, direct)
         cands = [f for f in free_f.get(direct.get(anc, "\0"), []) if type(fms_mods[f]) is type(mod)]
         if anc is not None and cands:
             f = cands[0]
@@ -750,9 +741,6 @@ def _derive(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclud
         pairs = kept
         order = {h: v[0] for h, v in hp.items()}
         pairs.sort(key=lambda p: order.get(p.hf, 1 << 30))
-        unpaired.extend(Unpaired("hf", p, "never called in the forward (a container or an unused module)")
-                        for p, s in hf_sets.items() if s and p not in hp and p not in covered
-                        and not isinstance(hf_mods[p], (nn.ModuleList, nn.ModuleDict)) and False)
     else:
         order = {p: i for i, p in enumerate(hf_mods)}
         pairs.sort(key=lambda p: order.get(p.hf, 1 << 30))
@@ -765,7 +753,7 @@ def _derive(hf, fms, architecture, source, adapter_kwargs, to_checkpoint, exclud
                       unused=sorted(k for k in lineage if k not in fms_sd))
 
 
-def _gather(path: str, hf_mods, key_sid, row_home, tags) -> Optional[tuple[list[str], Optional[tuple[int, ...]]]]:
+def _gather(path: str, key_sid, row_home, tags) -> Optional[tuple[list[str], Optional[tuple[int, ...]]]]:
     """For HF Linear ``path``: the FMS Linear(s) holding its weight rows and the output-channel index, or None when
     its rows are not all whole rows of FMS Linears. The index is None when it is the identity of one whole module."""
     sid = key_sid.get(f"{path}.weight")

@@ -31,6 +31,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from parity._shell import error_line
+
 __all__ = ["ARCHITECTURES", "BuildError", "BuiltPair", "CASES", "PairPlugin", "TextInputs", "plugin"]
 
 CASES = {
@@ -49,21 +51,6 @@ class BuildError(RuntimeError):
     def __init__(self, step: str, message: str):
         super().__init__(f"step {step!r} failed: {message}")
         self.step = step
-
-
-def _first_line(err: BaseException) -> str:
-    """``Type: first line``; for an error without a message (a bare ``assert``), where it was raised instead."""
-    lines = str(err).strip().splitlines()
-    if lines:
-        return f"{type(err).__name__}: {lines[0][:400]}"
-    import traceback
-
-    frames = traceback.extract_tb(err.__traceback__)
-    if not frames:
-        return type(err).__name__
-    last = frames[-1]
-    where = "/".join(Path(last.filename).parts[-3:])
-    return f"{type(err).__name__} at {where}:{last.lineno}: {(last.line or '').strip()[:300]}"
 
 
 @dataclass
@@ -97,23 +84,6 @@ class TextInputs:
                 "input_ids": list(self.input_ids.shape), "tokens_per_item": self.valid.sum(1).tolist()}
 
 
-def _realistic(model: nn.Module, seed: int) -> None:
-    """Make seeded random weights realistic: norm scales around 1 and biases non-zero (an init of exact ones and
-    zeros hides a swapped norm or a dropped bias), embeddings and projections left at the model's own init."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.is_floating_point() or p.numel() == 0:
-                continue
-            constant = p.numel() == 1 or float(p.detach().float().std()) == 0.0
-            if constant:  # ones (norm scales) or zeros (biases): give each element its own value
-                p.add_((torch.randn(p.shape, generator=gen) * 0.1).to(p.dtype))
-        for m in model.modules():  # BatchNorm's running statistics: a mean and a variance of their own
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-
-
 @contextlib.contextmanager
 def _quiet():
     """transformers' and FMS's info logging and prints (a load's unused-key notes are checked here instead)."""
@@ -130,8 +100,6 @@ def _quiet():
 
 
 class PairPlugin:
-    default_case = "prompt"
-
     """One HF model class and its FMS port (see the module docstring). Subclass or instantiate with data.
 
     Attributes:
@@ -143,7 +111,10 @@ class PairPlugin:
         exclude: HF state-dict key patterns left out of the derived lineage.
         transforms: row name -> named transform on the FMS tensor (``parity.engine.TRANSFORMS``).
         notes: facts the report states for every run of this pair.
+        default_case: the case a run without ``--cases`` compares.
     """
+
+    default_case = "prompt"
 
     def __init__(self, name: str, hf_class: str, model_type: str, tiny: Mapping[str, Any], *,
                  fms_overrides: Optional[Mapping[str, Any]] = None, causal: bool = True,
@@ -173,7 +144,7 @@ class PairPlugin:
             try:
                 cfg = transformers.AutoConfig.from_pretrained(str(checkpoint))
             except Exception as err:  # noqa: BLE001
-                raise BuildError("HF config", f"{checkpoint}: {_first_line(err)}") from None
+                raise BuildError("HF config", f"{checkpoint}: {error_line(err)}") from None
             if not cfg.architectures or cfg.architectures[0] != self.hf_class:
                 raise BuildError("HF config", f"{checkpoint}/config.json names {cfg.architectures}, not "
                                               f"{self.hf_class} (--architecture {self.name})")
@@ -184,12 +155,14 @@ class PairPlugin:
         try:
             cfg = transformers.AutoConfig.for_model(self.model_type, **self.variants[variant])
         except Exception as err:  # noqa: BLE001
-            raise BuildError("HF config", _first_line(err)) from None
+            raise BuildError("HF config", error_line(err)) from None
         cfg.architectures = [self.hf_class]
         return cfg
 
     def build_hf(self, cfg, dtype: torch.dtype, seed: int, checkpoint=None) -> nn.Module:
         import transformers
+
+        from fms_granite_speech.testing import realistic_init_
 
         try:
             cls = getattr(transformers, self.hf_class)
@@ -199,9 +172,9 @@ class PairPlugin:
                 else:
                     torch.manual_seed(seed)
                     model = cls(cfg)
-                    _realistic(model, seed)
+                    realistic_init_(model, seed)
         except Exception as err:  # noqa: BLE001
-            raise BuildError("HF model", _first_line(err)) from None
+            raise BuildError("HF model", error_line(err)) from None
         return model.to(dtype).eval()
 
     def fms_params(self, cfg, fused_weights: bool = True) -> tuple[str, str, dict]:
@@ -210,7 +183,7 @@ class PairPlugin:
         try:
             params = hf_config_params(cfg)
         except Exception as err:  # noqa: BLE001
-            raise BuildError("FMS config", f"FMS's HF-config registry on {self.hf_class}: {_first_line(err)}") \
+            raise BuildError("FMS config", f"FMS's HF-config registry on {self.hf_class}: {error_line(err)}") \
                 from None
         arch, variant = params.pop("architecture"), params.pop("variant")
         params.update(self.fms_overrides)
@@ -245,7 +218,7 @@ class PairPlugin:
             ignored = self.ignored_fields(arch, variant, params)
             hint = (f" (FMS's HF-config registry passed {', '.join(ignored)}, which FMS's {arch} config has no field "
                     f"for: the {variant} default stays)" if ignored else "")
-            raise BuildError("FMS model", f"get_model({arch!r}, {variant!r}, ...): {_first_line(err)}{hint}") \
+            raise BuildError("FMS model", f"get_model({arch!r}, {variant!r}, ...): {error_line(err)}{hint}") \
                 from None
         return model
 
@@ -265,7 +238,7 @@ class PairPlugin:
                 sd = self.to_checkpoint(hf)({k: v.detach().clone() for k, v in hf.state_dict().items()})
         except Exception as err:  # noqa: BLE001
             step = "checkpoint read" if checkpoint is not None else "checkpoint layout"
-            raise BuildError(step, _first_line(err)) from None
+            raise BuildError(step, error_line(err)) from None
         unused: list[str] = []
 
         class _Unused(logging.Handler):  # FMS logs the adapted keys it did not copy; a coverage failure names them
@@ -282,7 +255,7 @@ class PairPlugin:
                 serialization.load_state_dict_into_model(fms, sd, arch, "hf")
         except Exception as err:  # noqa: BLE001
             raise BuildError("FMS adapter", f"FMS's {arch!r} 'hf' adapter on transformers' checkpoint: "
-                                            f"{_first_line(err)}") from None
+                                            f"{error_line(err)}") from None
         finally:
             logging.getLogger("fms").removeHandler(handler)
         post = getattr(fms, "post_init", None)
@@ -312,7 +285,7 @@ class PairPlugin:
             try:
                 check_safetensors_folder(Path(checkpoint), for_glob=True)
             except (ValueError, FileNotFoundError) as err:
-                raise BuildError("checkpoint read", _first_line(err)) from None
+                raise BuildError("checkpoint read", error_line(err)) from None
         hf = self.build_hf(cfg, dtype, seed, checkpoint)
         arch, fvariant, params = self.fms_params(cfg, fused_weights)
         fms = self.build_fms(arch, fvariant, params, dtype)
@@ -411,7 +384,7 @@ register(PairPlugin("granite", "GraniteForCausalLM", "granite",
 register(PairPlugin("llama", "LlamaForCausalLM", "llama", _lm()))
 register(PairPlugin("gpt_bigcode", "GPTBigCodeForCausalLM", "gpt_bigcode",
                     dict(n_embd=64, n_layer=3, n_head=4, n_inner=256, vocab_size=256, n_positions=128,
-                         multi_query=True, bos_token_id=1, eos_token_id=2, initializer_range=0.2)))
+                         multi_query=True, bos_token_id=1, eos_token_id=2)))
 
 
 register(PairPlugin("mistral", "MistralForCausalLM", "mistral", _lm(inter=256, sliding_window=16),
@@ -491,7 +464,7 @@ class LlavaNextPlugin(PairPlugin):
             with _quiet():
                 return model_instance(arch, variant, params)
         except Exception as err:  # noqa: BLE001
-            raise BuildError("FMS model", f"{arch} {variant}: {_first_line(err)}") from None
+            raise BuildError("FMS model", f"{arch} {variant}: {error_line(err)}") from None
 
     default_case = "image_prompt"
 
@@ -529,9 +502,8 @@ class LlavaNextPlugin(PairPlugin):
 
     @staticmethod
     def _image_tokens(cfg, height, width) -> int:
-        import transformers
-
-        hf = getattr(LlavaNextPlugin, "_probe_model", None)
+        """Image tokens transformers' LlavaNext gives an image of ``height`` x ``width``: the base tile's patches,
+        then the unpadded anyres grid with one newline token per row."""
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
         vc = cfg.vision_config
@@ -539,7 +511,6 @@ class LlavaNextPlugin(PairPlugin):
         rows, cols = get_anyres_image_grid_shape((height, width), cfg.image_grid_pinpoints, vc.image_size)
         grid = torch.zeros(1, rows * side, cols * side)
         unpadded = unpad_image(grid, (height, width))
-        del transformers, hf
         base = side * side
         return base + unpadded.shape[1] * (unpadded.shape[2] + 1)
 
@@ -586,14 +557,14 @@ class GraniteSpeechPlugin(PairPlugin):
             pair = build_pair(variant=None if checkpoint else variant, checkpoint=checkpoint, seed=seed, dtype=dtype,
                               fused_weights=fused_weights)
         except (ValueError, FileNotFoundError) as err:
-            raise BuildError("pair", _first_line(err)) from None
+            raise BuildError("pair", error_line(err)) from None
         prov = {"architecture": self.name, "hf_class": self.hf_class, "fms_architecture": "granite_speech",
                 "variant": None if checkpoint else variant, "checkpoint": str(checkpoint) if checkpoint else None,
                 "seed": seed, "dtype": dtype, "device": "cpu", "fused_weights": fused_weights}
-        built = BuiltPair(hf=pair.hf, fms=pair.fms, hf_config=pair.hf.config, architecture="granite_speech",
-                          dtype=getattr(torch, dtype), notes=list(self.notes), provenance=prov)
-        built.pair = pair  # type: ignore[attr-defined]
-        return built
+        # the pipelines (build_inputs) read the pair's tokenizer and config, the same whatever the dtype or seed
+        self._pair = pair
+        return BuiltPair(hf=pair.hf, fms=pair.fms, hf_config=pair.hf.config, architecture="granite_speech",
+                         dtype=getattr(torch, dtype), notes=list(self.notes), provenance=prov)
 
     def to_checkpoint(self, hf):
         return lambda sd: sd
@@ -601,10 +572,12 @@ class GraniteSpeechPlugin(PairPlugin):
     def cases(self, cfg):
         return ["speech"]
 
-    def inputs(self, case, cfg, seed=0, built=None):
+    def inputs(self, case, cfg, seed=0):
         if case != "speech":
             raise ValueError(f"case {case!r} does not apply to {self.name} (its case: speech; `parity diff` without "
                              "--architecture runs the Granite Speech cases)")
+        if getattr(self, "_pair", None) is None:
+            raise ValueError(f"{self.name}'s inputs come from a built pair's pipelines: build() it first")
         from parity.inputs import build_inputs
 
         x = build_inputs(self._pair, same_inputs=True)

@@ -34,7 +34,6 @@ def built(name: str, dtype: str = "float32"):
 def _map(name: str):
     p = plugin(name)
     b = built(name)
-    p._pair = getattr(b, "pair", None)
     return derived_map(b, p, p.inputs(p.default_case, b.hf_config), cache=False)
 
 
