@@ -28,7 +28,7 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float32", "bfloat16", "float16")
-VARIANTS = ("tiny", "3.3-2b", "3.3-8b", "tiny-plus", "4.1-2b-plus", "tiny-4.0")  # fms_granite_speech.config.VARIANTS (tests/test_cli_errors.py checks)
+VARIANTS = ("tiny", "3.3-2b", "3.3-8b", "tiny-4.0", "4.0-1b", "tiny-4.1", "4.1-2b", "tiny-plus", "4.1-2b-plus")  # fms_granite_speech.config.VARIANTS (tests/test_cli_errors.py checks)
 CTC_VARIANTS = ("5.0-tiny", "5.0-470m")  # Granite Speech 5.0 (CTC): fms_granite_speech.cli.CTC_VARIANTS
 
 

@@ -650,25 +650,66 @@ _8B = _2B.replace(
     )
 )
 
+# granite-4.0-1b-speech, granite-speech-4.1-2b and granite-speech-4.1-2b-plus share one structure (CrispStrobe/CrispASR,
+# TODO.md item 54: all three run a "Granite-1B AR" decoder; its models/convert-granite-speech-to-gguf.py reads a
+# 4.0-1b-speech folder): the 3.3 encoder (16 blocks of 1024, 8 heads x 128) whose CTC head has 348 outputs for the
+# multilingual character set (CrispASR HISTORY.md, "CTC dim 348"), the 3.3 projector (2 Q-Former layers, window 15,
+# downsample 5, 3 queries), no modality LoRA adapter (the converter: "4.0-1b does not"), and the decoder of
+# granite-4.0-1b(-base): 40 layers of 2048, 16 heads / 4 key-value heads of 128, MLP 4096, RoPE theta 1e7, 128k
+# positions, muP multipliers embedding 12, attention 1/128, residual 0.22, logits 8, tied head, pad 100256 (the
+# base model's config.json), and one added audio token: vocab 100353 (the converter's embed_tokens shape) with
+# audio_token_index 100352. The speech folders' weight names are GraniteForCausalLM's (mlp.gate_proj/up_proj/
+# down_proj in the converter), so these variants read text_config as "granite"; a folder whose text_config names
+# granitemoehybrid (granite-4.0-1b-base's own class) is read as well (tiny-4.0 covers that path). A real folder's
+# config.json decides every width: these variants are for random-weight runs at the released sizes.
+_4_0_ENCODER = dataclasses.replace(_SPEECH_ENCODER, output_dim=348)
+_GRANITE_4_0_1B_DECODER = _granite_config(
+    vocab=100353,
+    dim=2048,
+    layers=40,
+    heads=16,
+    kv_heads=4,
+    head_dim=128,
+    ffn=4096,
+    rope_theta=10_000_000.0,
+    max_seq_len=131072,
+    norm_eps=1e-5,
+    embedding_multiplier=12.0,
+    residual_multiplier=0.22,
+    attention_multiplier=0.0078125,
+    logits_scaling=8.0,
+    tie=True,
+    pad_id=100256,
+)
+_4_0_1B = GraniteSpeechConfig(encoder=_4_0_ENCODER, projector=_SPEECH_PROJECTOR, decoder=_GRANITE_4_0_1B_DECODER,
+                              lora=None, audio_token_index=100352)
+# granite-speech-4.1-2b: the same structure (the "2b" counts the encoder and projector with the 1B decoder).
+_4_1_2B = _4_0_1B
+
 # Granite Speech Plus (granite-speech-4.1-2b-plus; transformers' GraniteSpeechPlusForConditionalGeneration): the
 # encoder's hidden state after block 3 is concatenated with its final output (cat_hidden_layers [3], the released
 # model per its model card and transformers' GraniteSpeechPlusConfig docs), so the projector's Q-Former
-# cross-attention reads 2 x 1024 = 2048 features. The encoder, projector and decoder widths are 3.3-2b's here: the
-# public sources at hand do not state 4.1's text_config, and a real folder's config.json decides them anyway.
+# cross-attention reads 2 x 1024 = 2048 features; everything else is 4.1-2b's.
 _PLUS_ENCODER = dict(cat_hidden_layers=(3,))
 _TINY_PLUS = _TINY.replace(encoder=dataclasses.replace(_TINY.encoder, **_PLUS_ENCODER),
                            projector=dataclasses.replace(_TINY.projector, encoder_hidden_size=2 * 44))
-_2B_PLUS = _2B.replace(encoder=dataclasses.replace(_2B.encoder, **_PLUS_ENCODER),
-                       projector=dataclasses.replace(_2B.projector, encoder_hidden_size=2 * 1024))
+_4_1_2B_PLUS = _4_1_2B.replace(encoder=dataclasses.replace(_4_1_2B.encoder, **_PLUS_ENCODER),
+                               projector=dataclasses.replace(_4_1_2B.projector, encoder_hidden_size=2 * 1024))
 
-# granite-4.0-1b-speech: the 3.3 structure, no modality LoRA adapter (its model card), and the decoder of
-# granite-4.0-1b-base, whose config.json names GraniteMoeHybridForCausalLM with every layer attention, no experts and
-# RoPE (the dense form FMS's Granite runs; llama.cpp's converter likewise folds it into GraniteModel, ggml-org/llama.cpp
-# PR 22101). tiny-4.0 has that structure at tiny's widths; a real folder's config.json gives the widths.
+# The tiny members: tiny's widths at the real depth. tiny-4.1 has 4.1's structure (no LoRA adapter, a granite
+# text_config); tiny-4.0 reads its decoder from a granitemoehybrid text_config, granite-4.0-1b-base's config.json
+# class (every layer attention, no experts, RoPE: the dense form FMS's Granite runs; llama.cpp's converter likewise
+# folds it into GraniteModel, ggml-org/llama.cpp PR 22101), so both text_config readings a 4.x folder may carry are
+# exercised.
+_TINY_4_1 = _TINY.replace(lora=None)
 _TINY_4_0 = _TINY.replace(lora=None, decoder_type="granitemoehybrid")
 
-VARIANTS: dict[str, GraniteSpeechConfig] = {"tiny": _TINY, "3.3-2b": _2B, "3.3-8b": _8B, "tiny-plus": _TINY_PLUS,
-                                            "4.1-2b-plus": _2B_PLUS, "tiny-4.0": _TINY_4_0}
+VARIANTS: dict[str, GraniteSpeechConfig] = {
+    "tiny": _TINY, "3.3-2b": _2B, "3.3-8b": _8B,
+    "tiny-4.0": _TINY_4_0, "4.0-1b": _4_0_1B,
+    "tiny-4.1": _TINY_4_1, "4.1-2b": _4_1_2B,
+    "tiny-plus": _TINY_PLUS, "4.1-2b-plus": _4_1_2B_PLUS,
+}
 
 
 def get_config(variant: str) -> GraniteSpeechConfig:

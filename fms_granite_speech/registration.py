@@ -3,7 +3,8 @@
 Importing this module (``import fms_granite_speech`` does) makes the model available the way every FMS model is:
 
 * ``fms.models.get_model("granite_speech", variant, model_path=DIR, source="hf")`` for the variants of
-  ``config.VARIANTS`` (``tiny``, ``3.3-2b``, ``3.3-8b``, ``tiny-plus``, ``4.1-2b-plus``); keyword arguments override config fields
+  ``config.VARIANTS`` (``tiny``, ``3.3-2b``, ``3.3-8b``, ``tiny-4.0``, ``4.0-1b``, ``tiny-4.1``, ``4.1-2b``,
+  ``tiny-plus``, ``4.1-2b-plus``); keyword arguments override config fields
   (``fused_weights=False``, ``decoder={"nlayers": 2}``), ``distributed_strategy="tp"`` shards the decoder;
 * the ``"hf"`` adapter of ``granite_speech``: small pure functions over a (partial) state dict, registered with
   ``fms.utils.serialization.register_adapter_step``, as FMS applies them to the keys of one layer at a time;
@@ -67,7 +68,7 @@ def get_model(variant: Optional[str] = None, model_path: Union[None, str, Path] 
     """``fms.models.get_model`` for Granite Speech, with the checkpoint folder checked before FMS globs it.
 
     Args:
-        variant: a named variant (``tiny``, ``3.3-2b``, ``3.3-8b``), or None to take the architecture from
+        variant: a named variant of ``config.VARIANTS`` (``tiny``, ``3.3-2b``, ``4.0-1b``, ...), or None to take the architecture from
             ``model_path``'s config.json (FMS's ``hf_pretrained``).
         model_path: an HF checkpoint folder (config.json, safetensors, optional peft adapter), or None for random
             weights (``reset_parameters``).

@@ -48,9 +48,9 @@ _MODES = ("eager", "compiled", "drift")
 # varies from the first step (8 distinct tokens in the first 8), so the default check is conclusive at any length;
 # seed 0's repeats one token for 20 steps. parity.generation.GENERATE_SEED says the same; tests/test_generation.py
 # holds the default conclusive at several lengths. Per variant: tiny-plus's first seed conclusive at every length from
-# 1 to 64 tokens is 6, tiny-4.0's is 2 (tests/test_family.py).
+# 1 to 64 tokens is 6, tiny-4.0's is 2, tiny-4.1's is 2 (tests/test_family.py).
 GENERATE_SEED = 1
-GENERATE_SEEDS = {"tiny": 1, "tiny-plus": 6, "tiny-4.0": 2}
+GENERATE_SEEDS = {"tiny": 1, "tiny-plus": 6, "tiny-4.0": 2, "tiny-4.1": 2}
 _BACKENDS = ("inductor", "aot_eager", "eager")
 # measured on 2 cores, torch 2.11, tiny, float32, whole model: see BENCHMARKS.md ("compiled-mode parity")
 _COMPILED_TIME = "regional compilation: one graph per kind of block on each side, whatever the depth"
@@ -75,7 +75,7 @@ def _first_line(err: BaseException) -> str:
 
 def _add_weights(p: argparse.ArgumentParser, seed: Optional[int] = 0) -> None:
     p.add_argument("--variant", default=None, help="named config with seeded random weights: tiny (default), 3.3-2b, "
-                                                  "3.3-8b")
+                                                  "3.3-8b, tiny-4.0, 4.0-1b, tiny-4.1, 4.1-2b, tiny-plus, 4.1-2b-plus")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="HF-format checkpoint folder (config.json, "
                                                                      "safetensors, optional peft adapter)")
     p.add_argument("--seed", type=int, default=seed,

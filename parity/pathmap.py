@@ -145,9 +145,12 @@ VARIANT_LAYERS: dict[str, LayerCounts] = {
     "tiny": LayerCounts(16, 2, 1, 4),
     "3.3-2b": LayerCounts(16, 2, 1, 40),
     "3.3-8b": LayerCounts(16, 2, 1, 40),
+    "tiny-4.0": LayerCounts(16, 2, 1, 4, "granitemoehybrid"),
+    "4.0-1b": LayerCounts(16, 2, 1, 40),
+    "tiny-4.1": LayerCounts(16, 2, 1, 4),
+    "4.1-2b": LayerCounts(16, 2, 1, 40),
     "tiny-plus": LayerCounts(16, 2, 1, 4),
     "4.1-2b-plus": LayerCounts(16, 2, 1, 40),
-    "tiny-4.0": LayerCounts(16, 2, 1, 4, "granitemoehybrid"),
 }
 
 

@@ -35,6 +35,27 @@ def test_real_sizes_match_the_released_architecture():
     assert int(eight.decoder.hidden_grow_factor * 4096) == 12800
 
 
+def test_4x_sizes_match_the_public_sources():
+    """granite-4.0-1b-speech, granite-speech-4.1-2b and -plus (the sources cited at config._4_0_1B): the 3.3 encoder
+    with a 348-wide CTC head, the 3.3 projector, no LoRA adapter, granite-4.0-1b's decoder, one audio token."""
+    for name in ("4.0-1b", "4.1-2b", "4.1-2b-plus"):
+        cfg = get_config(name)
+        hf = cfg.to_hf()
+        t = hf.text_config
+        assert (t.model_type, t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
+                t.intermediate_size, t.vocab_size) == ("granite", 2048, 40, 16, 4, 4096, 100353)
+        assert (t.embedding_multiplier, t.attention_multiplier, t.residual_multiplier, t.logits_scaling) == (
+            12.0, 0.0078125, 0.22, 8.0)
+        assert t.rope_parameters["rope_theta"] == 1e7 and t.tie_word_embeddings
+        assert hf.audio_token_index == 100352 and not hf.has_lora_adapter and cfg.lora is None
+        e = hf.encoder_config
+        assert (e.num_layers, e.hidden_dim, e.num_heads, e.dim_head, e.output_dim) == (16, 1024, 8, 128, 348)
+        assert (hf.window_size, hf.downsample_rate, hf.projector_config.num_hidden_layers) == (15, 5, 2)
+    assert get_config("4.1-2b-plus").encoder.cat_hidden_layers == (3,)
+    assert get_config("4.1-2b-plus").projector.encoder_hidden_size == 2048
+    assert get_config("4.0-1b") == get_config("4.1-2b")
+
+
 def test_tiny_keeps_the_real_depth_and_distinct_widths():
     tiny, real = get_config("tiny"), get_config("3.3-2b")
     assert tiny.encoder.num_layers == real.encoder.num_layers and tiny.encoder.mid_layer == 7

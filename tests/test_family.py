@@ -163,6 +163,17 @@ def test_tiny_4_0_generation_default_is_conclusive_and_token_identical(n):
     assert result.varied and result.tokens_identical and result.logits_passed, result.verdict
 
 
+@pytest.mark.parametrize("n", [8, 16, 32])
+def test_tiny_4_1_generation_default_is_conclusive_and_token_identical(n):
+    """granite-speech-4.1-2b's structure (no adapter, a granite text_config): the default seed is conclusive."""
+    from parity.cli import GENERATE_SEEDS
+    from parity.generation import check_generation
+
+    assert get_config("tiny-4.1").lora is None and get_config("tiny-4.1").decoder_type == "granite"
+    result, _, _ = check_generation(variant="tiny-4.1", seed=GENERATE_SEEDS["tiny-4.1"], max_new_tokens=n)
+    assert result.varied and result.tokens_identical and result.logits_passed, result.verdict
+
+
 def test_planted_lora_where_the_folder_has_none(no_adapter):
     """FMS merging an adapter the 4.0 folder does not have (a rank-4 q/v delta in decoder layer 0) is named at the
     attention it changes, introduced there."""

@@ -1,6 +1,7 @@
 """The CPU parity suite on the Granite Speech family's other tiny variants: ``tiny-plus`` (Granite Speech Plus,
-granite-speech-4.1-2b-plus's structure: block 3's hidden state concatenated with the encoder output) and ``tiny-4.0``
-(granite-4.0-1b-speech's structure: no modality LoRA adapter) on every named case in float32 and two in bfloat16,
+granite-speech-4.1-2b-plus's structure: block 3's hidden state concatenated with the encoder output), ``tiny-4.1``
+(granite-speech-4.1-2b's structure: no modality LoRA adapter, a granite text_config) and ``tiny-4.0`` (the same read
+from a granitemoehybrid text_config) on every named case in float32 and two in bfloat16,
 each side on its own pipeline; ``parity check`` gates what this suite runs.
 """
 
@@ -12,7 +13,7 @@ from parity.check import run_cases
 from parity.inputs import CASES
 from parity.pair import build_pair
 
-FAMILY = ("tiny-plus", "tiny-4.0")
+FAMILY = ("tiny-plus", "tiny-4.1", "tiny-4.0")
 BF16_CASES = ("speech_b1", "batch_short_last")
 
 
