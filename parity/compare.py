@@ -144,7 +144,7 @@ def _adapter(model, side: str, enabled: bool):
     has an adapter."""
     if side == "hf":
         before = _hf_adapters_enabled(model)
-        if before is not None:
+        if before is not None and before != enabled:  # peft walks every module to toggle: only when it changes
             model.enable_adapters() if enabled else model.disable_adapters()
     else:
         before = bool(model.adapter_enabled) if getattr(model, "has_adapter", False) else None
@@ -153,7 +153,7 @@ def _adapter(model, side: str, enabled: bool):
     try:
         yield before is not None
     finally:
-        if before is not None:
+        if before is not None and before != enabled:
             if side == "hf":
                 model.enable_adapters() if before else model.disable_adapters()
             else:
@@ -874,7 +874,7 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
         sections = [s for s in sections if s != "features"]
     return ParityResult(
         layers=results,
-        requested=[p.name for p in requested if any(p.name == r.name for r in results)],
+        requested=[p.name for p in requested if p.name in {r.name for r in results}],
         first_divergent=first,
         sections=sections,
         tolerance=None if tol is None else tol.to_dict(),

@@ -10,10 +10,12 @@ Everything is model-agnostic: the functions see two tensors of the same shape an
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from parity._json import from_json_float, json_float
@@ -261,9 +263,11 @@ def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
 
 def _ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise ``|key(a) - key(b)|`` in int64, saturating at 2**63 - 1 instead of wrapping."""
-    ka, kb = _ordered_bits(a), _ordered_bits(b)
     if a.dtype in _BITS_VIEW and torch.iinfo(_BITS_VIEW[a.dtype]).bits <= 32:
-        return (ka - kb).abs()  # keys of 32 bits or fewer: |ka - kb| (= |ka| + |kb| across zero) fits an int64
+        # keys of 32 bits or fewer: |ka - kb| (= |ka| + |kb| across zero) fits an int64; both keyed in one pass
+        ka, kb = _ordered_bits(torch.stack((a, b)))
+        return (ka - kb).abs_()
+    ka, kb = _ordered_bits(a), _ordered_bits(b)
     same_sign = (ka >= 0) == (kb >= 0)
     # Same sign: the difference cannot overflow. Opposite signs: distance = |ka| + |kb|, which can (float64).
     abs_a, abs_b = ka.abs(), kb.abs()
@@ -332,115 +336,233 @@ def compare_tensors(test: torch.Tensor, ref: torch.Tensor, tol: Optional[Toleran
         TypeError: a non-tensor, complex, or unsupported floating dtype (e.g. float8) input.
         ValueError: the shapes differ (the message names both), or ``chunk_elements < 1``.
     """
-    _check_inputs(test, ref)
     if not isinstance(chunk_elements, int) or chunk_elements < 1:
         raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
-    notes: list[str] = []
+    _check_inputs(test, ref)
+    tol = _tolerance_for(tol, test, ref)
+    return _compare_chunked(test, ref, tol, chunk_elements)
+
+
+def _tolerance_for(tol: Optional[Tolerance], test: torch.Tensor, ref: torch.Tensor) -> Tolerance:
     if tol is None:
-        tol = _looser(default_tolerance(test.dtype), default_tolerance(ref.dtype))
-    elif not isinstance(tol, Tolerance):
+        return _dtype_bound(test.dtype, ref.dtype)
+    if not isinstance(tol, Tolerance):
         raise TypeError(f"tol must be a parity.metrics.Tolerance or None, got {type(tol).__name__}")
+    return tol
+
+
+def _notes(test: torch.Tensor, ref: torch.Tensor) -> list[str]:
+    notes = []
     if test.dtype != ref.dtype:
         notes.append(f"dtype mismatch: test is {test.dtype}, ref is {ref.dtype}; ULP distance counted after "
                      f"casting test to {ref.dtype}, other statistics on exact values")
     if test.device != ref.device:
         notes.append(f"device mismatch: test on {test.device}, ref on {ref.device}; compared on {ref.device}")
+    return notes
 
-    shape = tuple(ref.shape)
+
+def _close_bound(test: torch.Tensor, ref: torch.Tensor) -> Tolerance:
+    """The bound ``TensorDiff.mismatched`` counts against: the dtypes' own default tolerance."""
+    return _dtype_bound(test.dtype, ref.dtype) if ref.dtype.is_floating_point else _EXACT
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_bound(test_dtype: torch.dtype, ref_dtype: torch.dtype) -> Tolerance:
+    """The looser of two dtypes' default tolerances (one Tolerance per pair of dtypes)."""
+    return _looser(default_tolerance(ref_dtype), default_tolerance(test_dtype))
+
+
+@dataclass
+class _Sums:
+    """One pair's reductions before the verdict (``_finish``)."""
+
+    n_finite: int = 0
+    sum_abs: float = 0.0
+    sum_d2: float = 0.0
+    sum_t2: float = 0.0
+    sum_r2: float = 0.0
+    sum_tr: float = 0.0
+    n_mismatched: int = 0
+    mismatched: int = 0
+    max_abs: float = -1.0
+    worst_flat: Optional[int] = None
+    max_ulp: int = 0
+    test_nan: int = 0
+    test_inf: int = 0
+    ref_nan: int = 0
+    ref_inf: int = 0
+    inf_mismatch: int = 0
+
+
+def _compare_chunked(test: torch.Tensor, ref: torch.Tensor, tol: Tolerance, chunk_elements: int) -> TensorDiff:
+    """One pair, ``chunk_elements`` at a time (any size and dtype; NaN and inf accounted for)."""
     numel = ref.numel()
     device = ref.device
     flat_t, flat_r = test.detach().reshape(-1), ref.detach().reshape(-1)
-
-    def zero():
-        return torch.zeros((), dtype=torch.float64, device=device)
-
-    sum_abs, sum_d2, sum_t2, sum_r2, sum_tr = zero(), zero(), zero(), zero(), zero()
-    n_finite = 0
-    n_mismatched = 0
-    mismatched = 0
-    close = _looser(default_tolerance(ref.dtype), default_tolerance(test.dtype)) if ref.dtype.is_floating_point \
-        else _EXACT
-    test_nan = test_inf = ref_nan = ref_inf = inf_mismatch = 0
-    max_abs, worst_flat = -1.0, None
-    max_ulp = 0
-
+    acc = _Sums()
+    close = _close_bound(test, ref)
+    same_bounds = tol.atol == close.atol and tol.rtol == close.rtol
+    on_cpu = device.type == "cpu"
     for start in range(0, numel, chunk_elements):
-        t = flat_t[start:start + chunk_elements].to(device)
+        t = flat_t[start:start + chunk_elements]
+        if t.device != device:
+            t = t.to(device)
         r = flat_r[start:start + chunk_elements]
+        if on_cpu and _NUMPY_ON_CPU and _chunk_on_cpu(t, r, tol, close, same_bounds, start, acc):
+            continue
         t64, r64 = t.to(torch.float64), r.to(torch.float64)
-        finite = torch.isfinite(t64) & torch.isfinite(r64)
-        all_finite = bool(finite.all())
-        if not all_finite:  # NaN / inf accounting only where there is any (the common case skips 9 ops)
+        diff = (t64 - r64).abs_()
+        chunk_abs = float(diff.sum())
+        # a NaN or inf on either side makes the sum of |t - r| non-finite (so does a float64 overflow, which the
+        # exact accounting below then handles): the common all-finite chunk costs no extra check
+        all_finite = math.isfinite(chunk_abs)
+        if not all_finite:  # NaN / inf accounting, and the statistics over the finite pairs only
+            finite = torch.isfinite(t64) & torch.isfinite(r64)
             t_nan, r_nan = torch.isnan(t64), torch.isnan(r64)
             t_inf, r_inf = torch.isinf(t64), torch.isinf(r64)
-            test_nan += int(t_nan.sum())
-            ref_nan += int(r_nan.sum())
-            test_inf += int(t_inf.sum())
-            ref_inf += int(r_inf.sum())
+            acc.test_nan += int(t_nan.sum())
+            acc.ref_nan += int(r_nan.sum())
+            acc.test_inf += int(t_inf.sum())
+            acc.ref_inf += int(r_inf.sum())
             # An inf is acceptable only against the identical inf; count the others.
-            inf_mismatch += int(((t_inf | r_inf) & ~(t_nan | r_nan) & (t64 != r64)).sum())
-            t64, r64 = t64[finite], r64[finite]
+            acc.inf_mismatch += int(((t_inf | r_inf) & ~(t_nan | r_nan) & (t64 != r64)).sum())
+            t64, r64, diff = t64[finite], r64[finite], diff[finite]
             t, r = t[finite], r[finite]
-        n_finite += t64.numel()
+            chunk_abs = float(diff.sum())
+        acc.n_finite += t64.numel()
         if t64.numel() == 0:
             continue
-        diff = (t64 - r64).abs_()
-        sum_abs += diff.sum()
-        sum_d2 += diff.square().sum()
-        sum_t2 += t64.square().sum()
-        sum_r2 += r64.square().sum()
-        sum_tr += (t64 * r64).sum()
-        r_abs = r64.abs()
-        n_mismatched += int((diff > tol.atol + tol.rtol * r_abs).sum())
-        mismatched += int((diff > close.atol + close.rtol * r_abs).sum())
+        acc.sum_abs += chunk_abs
+        acc.sum_d2 += float(torch.dot(diff, diff))
+        acc.sum_t2 += float(torch.dot(t64, t64))
+        acc.sum_r2 += float(torch.dot(r64, r64))
+        acc.sum_tr += float(torch.dot(t64, r64))
+        bound = r64.abs()  # a new tensor (r64 may be the caller's float64 ref): |r|, then the bound in place
+        if same_bounds:
+            n_chunk = int(torch.count_nonzero(diff > bound.mul_(tol.rtol).add_(tol.atol)))
+            acc.n_mismatched += n_chunk
+            acc.mismatched += n_chunk
+        else:
+            close_bound = bound.mul(close.rtol).add_(close.atol)
+            acc.n_mismatched += int(torch.count_nonzero(diff > bound.mul_(tol.rtol).add_(tol.atol)))
+            acc.mismatched += int(torch.count_nonzero(diff > close_bound))
+            del close_bound
         chunk_max, chunk_arg = diff.max(dim=0)
         chunk_max = float(chunk_max)
-        if chunk_max > max_abs:
-            max_abs = chunk_max
+        if chunk_max > acc.max_abs:
+            acc.max_abs = chunk_max
             local = int(chunk_arg)
             if all_finite:
-                worst_flat = start + local
+                acc.worst_flat = start + local
             else:
-                worst_flat = start + int(torch.nonzero(finite).reshape(-1)[local])
-        del diff, t64, r64
-        t_u = t.to(r.dtype) if t.dtype != r.dtype else t
-        max_ulp = max(max_ulp, int(_ulp_distance(t_u, r).max()))
+                acc.worst_flat = start + int(torch.nonzero(finite).reshape(-1)[local])
+        del diff, t64, r64, bound
+        if chunk_max > 0:  # equal values (+0.0 and -0.0 included) are 0 ULPs apart
+            t_u = t.to(r.dtype) if t.dtype != r.dtype else t
+            acc.max_ulp = max(acc.max_ulp, int(_ulp_distance(t_u, r).max()))
+    worst = None
+    if acc.worst_flat is not None:
+        worst = (float(flat_t[acc.worst_flat].to(torch.float64)), float(flat_r[acc.worst_flat].to(torch.float64)))
+    return _finish(test, ref, tol, acc, worst)
 
-    sum_abs_f, sum_d2_f, sum_t2_f, sum_r2_f, sum_tr_f = (float(s) for s in (sum_abs, sum_d2, sum_t2, sum_r2, sum_tr))
-    if n_finite == 0:
+
+# CPU chunks are reduced with NumPy over the tensors' memory: the same float64 arithmetic in about a third of the
+# time of the same dozen torch ops on the small tensors of a parity run (each torch op pays a dispatch). Tests turn
+# it off to hold the torch path, which CUDA tensors and non-finite chunks take, to the same statistics.
+_NUMPY_ON_CPU = True
+_NUMPY_INT = {torch.int16: np.int16, torch.int32: np.int32}
+
+
+def _float64_on_cpu(x: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as a float64 NumPy array (a copy; NumPy has no bfloat16, so torch converts that)."""
+    if x.dtype == torch.bfloat16:
+        return x.to(torch.float64).numpy()
+    return x.numpy().astype(np.float64)
+
+
+def _max_ulp_on_cpu(a: torch.Tensor, b: torch.Tensor) -> int:
+    """``_ulp_distance(a, b).max()`` of two CPU float tensors of one dtype of at most 32 bits, in NumPy: keys in
+    the bits' own width (a negative pattern ``p`` maps to ``MIN - p``, so -0.0 and +0.0 share key 0), their
+    difference in float64 (exact: it is below 2**33)."""
+    view = _BITS_VIEW[a.dtype]
+    lowest = np.array(torch.iinfo(view).min, dtype=_NUMPY_INT[view])
+    keys = []
+    for x in (a, b):
+        bits = x.view(view).numpy() if x.dtype == torch.bfloat16 else x.numpy().view(_NUMPY_INT[view])
+        keys.append(np.where(bits < 0, lowest - bits, bits))
+    return int(np.abs(keys[0].astype(np.float64) - keys[1]).max())
+
+
+def _chunk_on_cpu(t: torch.Tensor, r: torch.Tensor, tol: Tolerance, close: Tolerance, same_bounds: bool,
+                  start: int, acc: _Sums) -> bool:
+    """One all-finite CPU chunk's reductions added to ``acc`` (NumPy); False, with ``acc`` untouched, when the chunk
+    holds a NaN or inf (the torch path then does the exact non-finite accounting)."""
+    t64, r64 = _float64_on_cpu(t), _float64_on_cpu(r)
+    diff = np.abs(t64 - r64)
+    chunk_abs = float(diff.sum())
+    if not math.isfinite(chunk_abs):
+        return False
+    acc.n_finite += diff.size
+    acc.sum_abs += chunk_abs
+    # products then sums, not np.dot: NumPy's BLAS would start its own spinning threads beside torch's
+    acc.sum_d2 += float(np.square(diff).sum())
+    acc.sum_t2 += float(np.square(t64).sum())
+    acc.sum_r2 += float(np.square(r64).sum())
+    acc.sum_tr += float((t64 * r64).sum())
+    r_abs = np.abs(r64)
+    n_chunk = int(np.count_nonzero(diff > r_abs * tol.rtol + tol.atol))
+    acc.n_mismatched += n_chunk
+    acc.mismatched += n_chunk if same_bounds else int(np.count_nonzero(diff > r_abs * close.rtol + close.atol))
+    local = int(diff.argmax())
+    chunk_max = float(diff[local])
+    if chunk_max > acc.max_abs:
+        acc.max_abs = chunk_max
+        acc.worst_flat = start + local
+    if chunk_max > 0:  # equal values (+0.0 and -0.0 included) are 0 ULPs apart
+        t_u = t.to(r.dtype) if t.dtype != r.dtype else t
+        if r.dtype in _BITS_VIEW and r.dtype != torch.float64:
+            acc.max_ulp = max(acc.max_ulp, _max_ulp_on_cpu(t_u, r))
+        else:  # 64-bit keys and integer dtypes: the torch path's distance
+            acc.max_ulp = max(acc.max_ulp, int(_ulp_distance(t_u, r).max()))
+    return True
+
+
+def _finish(test: torch.Tensor, ref: torch.Tensor, tol: Tolerance, acc: _Sums,
+            worst: Optional[tuple[float, float]]) -> TensorDiff:
+    """The statistics and the verdict of one pair from its reductions."""
+    shape = tuple(ref.shape)
+    if acc.n_finite == 0:
         max_abs = mean_abs = 0.0
     else:
-        mean_abs = sum_abs_f / n_finite
-    if sum_r2_f > 0:
-        rel_l2 = math.sqrt(sum_d2_f) / math.sqrt(sum_r2_f)
+        max_abs, mean_abs = acc.max_abs, acc.sum_abs / acc.n_finite
+    if acc.sum_r2 > 0:
+        rel_l2 = math.sqrt(acc.sum_d2) / math.sqrt(acc.sum_r2)
     else:
-        rel_l2 = 0.0 if sum_d2_f == 0 else math.inf
-    if sum_t2_f == 0 and sum_r2_f == 0:
+        rel_l2 = 0.0 if acc.sum_d2 == 0 else math.inf
+    if acc.sum_t2 == 0 and acc.sum_r2 == 0:
         cosine = 1.0
-    elif sum_t2_f == 0 or sum_r2_f == 0:
+    elif acc.sum_t2 == 0 or acc.sum_r2 == 0:
         cosine = 0.0
     else:
-        cosine = max(-1.0, min(1.0, sum_tr_f / math.sqrt(sum_t2_f * sum_r2_f)))
-
+        cosine = max(-1.0, min(1.0, acc.sum_tr / math.sqrt(acc.sum_t2 * acc.sum_r2)))
     worst_index = worst_test = worst_ref = None
-    if worst_flat is not None:
-        worst_index = _unravel(worst_flat, shape)
-        worst_test = float(flat_t[worst_flat].to(torch.float64))
-        worst_ref = float(flat_r[worst_flat].to(torch.float64))
-
+    if acc.worst_flat is not None and worst is not None:
+        worst_index = _unravel(acc.worst_flat, shape)
+        worst_test, worst_ref = worst
     failures = []
-    if test_nan or ref_nan:
-        failures.append(f"NaN present (test {test_nan}, ref {ref_nan})")
-    if inf_mismatch:
-        failures.append(f"{inf_mismatch} inf element(s) not matched by the same inf on the other side")
-    passed, criterion, reason = _verdict(failures, n_mismatched == 0, rel_l2, cosine, tol,
-                                         f"{n_mismatched}/{n_finite} elements exceed", max_abs, worst_index)
+    if acc.test_nan or acc.ref_nan:
+        failures.append(f"NaN present (test {acc.test_nan}, ref {acc.ref_nan})")
+    if acc.inf_mismatch:
+        failures.append(f"{acc.inf_mismatch} inf element(s) not matched by the same inf on the other side")
+    passed, criterion, reason = _verdict(failures, acc.n_mismatched == 0, rel_l2, cosine, tol,
+                                         f"{acc.n_mismatched}/{acc.n_finite} elements exceed", max_abs, worst_index)
     return TensorDiff(
-        shape=shape, dtype=str(ref.dtype), test_dtype=str(test.dtype), numel=numel,
+        shape=shape, dtype=str(ref.dtype), test_dtype=str(test.dtype), numel=ref.numel(),
         max_abs=float(max_abs), mean_abs=float(mean_abs), rel_l2=float(rel_l2), cosine=float(cosine),
-        max_ulp=int(max_ulp), worst_index=worst_index, worst_test=worst_test, worst_ref=worst_ref,
-        n_mismatched=n_mismatched, mismatched=mismatched, test_nan=test_nan, test_inf=test_inf, ref_nan=ref_nan,
-        ref_inf=ref_inf, passed=passed, criterion=criterion, reason=reason, tolerance=tol, notes=notes,
+        max_ulp=int(acc.max_ulp), worst_index=worst_index, worst_test=worst_test, worst_ref=worst_ref,
+        n_mismatched=acc.n_mismatched, mismatched=acc.mismatched, test_nan=acc.test_nan, test_inf=acc.test_inf,
+        ref_nan=acc.ref_nan, ref_inf=acc.ref_inf, passed=passed, criterion=criterion, reason=reason, tolerance=tol,
+        notes=_notes(test, ref),
     )
 
 

@@ -16,6 +16,7 @@ The runner half of the engine (Polygraphy's split): nothing here decides pass or
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -169,10 +170,18 @@ def float64_units(model: nn.Module, regions: Sequence[str]):
 # -- replays: a module run on another model's recorded call ---------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_signature(forward) -> inspect.Signature:
+    """The signature of a module class's ``forward`` function without ``self`` (one per class, not per call)."""
+    return inspect.Signature(list(inspect.signature(forward).parameters.values())[1:])
+
+
 def bind(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     """A recorded call's arguments by parameter name (positional ones named by ``module.forward``'s signature)."""
     try:
-        return dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+        forward = getattr(module.forward, "__func__", None)
+        signature = inspect.signature(module.forward) if forward is None else _forward_signature(forward)
+        return dict(signature.bind(*args, **kwargs).arguments)
     except (TypeError, ValueError):  # an unusual signature: positional ones by index
         return {**{f"arg{k}": a for k, a in enumerate(args)}, **kwargs}
 

@@ -277,3 +277,41 @@ def test_cuda_matches_cpu():
     assert (gpu.max_abs, gpu.worst_index, gpu.max_ulp, gpu.n_mismatched) == \
         (cpu.max_abs, cpu.worst_index, cpu.max_ulp, cpu.n_mismatched)
     assert gpu.rel_l2 == pytest.approx(cpu.rel_l2, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_inputs_are_left_untouched(dtype):
+    """The statistics work in place on their own temporaries only: a float64 input (whose float64 view is the
+    caller's tensor) comes back bit for bit, with NaN and inf accounting taken too."""
+    test, ref = _rand((6, 5), dtype), _rand((6, 5), dtype)
+    ref[0, 0] = float("inf")
+    test[1, 1] = float("nan")
+    before = (test.clone(), ref.clone())
+    for tol in (None, Tolerance(atol=1e-3, rtol=1e-3, max_rel_l2=1e-3, min_cosine=0.9)):
+        compare_tensors(test, ref, tol)
+        compare_tensors(test.nan_to_num(), ref.nan_to_num(), tol)
+    torch.testing.assert_close(test, before[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(ref, before[1], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_numpy_and_torch_reductions_agree(dtype, monkeypatch):
+    """CPU chunks are reduced with NumPy, CUDA and non-finite ones with torch: the same statistics either way
+    (sums to float64 rounding, counts, worst element and ULPs exactly), chunked or not, at a bound that differs from
+    the dtype's own (both mismatch counts taken)."""
+    import parity.metrics as metrics
+
+    test, ref = _rand((7, 300), dtype), _rand((7, 300), dtype, seed=1)
+    near = (ref.to(torch.float64) + 1e-3 * test.to(torch.float64)).to(dtype)
+    bound = Tolerance(atol=1e-3, rtol=1e-2, max_rel_l2=0.1, min_cosine=0.9)
+    for a, b in ((test, ref), (near, ref), (near.float(), ref)):
+        for chunk in (1 << 22, 257):
+            fast = compare_tensors(a, b, bound, chunk_elements=chunk)
+            monkeypatch.setattr(metrics, "_NUMPY_ON_CPU", False)
+            slow = compare_tensors(a, b, bound, chunk_elements=chunk)
+            monkeypatch.setattr(metrics, "_NUMPY_ON_CPU", True)
+            for name in ("n_mismatched", "mismatched", "max_ulp", "worst_index", "worst_test", "worst_ref", "max_abs",
+                         "passed", "numel"):
+                assert getattr(fast, name) == getattr(slow, name), name
+            for name in ("mean_abs", "rel_l2", "cosine"):
+                assert getattr(fast, name) == pytest.approx(getattr(slow, name), rel=1e-12, abs=1e-300), name
