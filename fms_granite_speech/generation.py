@@ -103,52 +103,26 @@ def _left_pack(
 
 def _check_prompt(model: torch.nn.Module, input_ids: Any, input_features: Any, input_features_mask: Any, *,
                   max_new_tokens: Any, eos_token_id: Any, pad_token_id: Any):
-    """The checks every generator runs before touching the model.
+    """The checks every generator runs before touching the model: its own arguments here, the prompt's tensors by
+    ``model.check_inputs`` (the one input check the forward, the merge and the generators share; the generators then
+    run the prefill on embeddings, so nothing is checked twice).
 
     Returns ``(max_new_tokens, input_features, input_features_mask, device)``, the features cast to the model's dtype
-    and device. Raises ``TypeError`` / ``ValueError`` as documented in ``transcribe_ids``.
+    and device, the mask to bool. Raises ``TypeError`` / ``ValueError`` as documented in ``transcribe_ids``.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor [B, L], got {type(input_ids).__name__}"
-                        + (f" of {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else ""))
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids must be [B, L] with B, L >= 1, got shape {tuple(input_ids.shape)}; "
-                         "add a batch dimension with input_ids[None]")
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
     if eos_token_id is not None:
         _check_int("eos_token_id", eos_token_id, 0)
     _check_int("pad_token_id", pad_token_id, 0)
-    if input_features_mask is not None and input_features is None:
-        raise ValueError("input_features_mask was given without input_features; pass both or neither")
     device, dtype = _model_device_dtype(model)
-    config = getattr(model, "config", None)
-    audio_id = getattr(config, "audio_token_index", None)
-    n_audio_tokens = int((input_ids == audio_id).sum()) if audio_id is not None else None
-    if input_features is not None:
-        if not isinstance(input_features, torch.Tensor) or not input_features.dtype.is_floating_point:
-            raise TypeError("input_features must be a floating tensor [B_audio, T, 160] (from the feature extractor)")
-        if input_features.dim() != 3:
-            raise ValueError(f"input_features must be [B_audio, T, 160], got shape {tuple(input_features.shape)}")
+    if isinstance(input_features, torch.Tensor) and input_features.dtype.is_floating_point:
         input_features = input_features.to(device=device, dtype=dtype)
-        if input_features_mask is not None:
-            if input_features_mask.dim() != 2 or input_features_mask.shape[0] != input_features.shape[0]:
-                raise ValueError(
-                    f"input_features_mask must be [B_audio={input_features.shape[0]}, N], got shape "
-                    f"{tuple(input_features_mask.shape)}"
-                )
+        if isinstance(input_features_mask, torch.Tensor):
             input_features_mask = input_features_mask.to(device=device, dtype=torch.bool)
-            expected = int(input_features_mask.sum())
-            if n_audio_tokens is not None and n_audio_tokens != expected:
-                raise ValueError(
-                    f"input_ids hold {n_audio_tokens} audio tokens (id {audio_id}) but input_features_mask marks "
-                    f"{expected}; build ids and features together with GraniteSpeechProcessor"
-                )
-        if n_audio_tokens == 0:
-            raise ValueError(f"input_features were given but input_ids hold no audio token (id {audio_id}); put "
-                             "<|audio|> in the prompt and expand it with GraniteSpeechProcessor")
-    elif n_audio_tokens:
-        raise ValueError(f"input_ids hold {n_audio_tokens} audio tokens (id {audio_id}) but no input_features were "
-                         "given; pass the clips' features, or drop <|audio|> for a text-only prompt")
+    if not callable(getattr(model, "check_inputs", None)):
+        raise TypeError(f"{type(model).__name__} has no check_inputs(input_ids, input_features, input_features_mask); "
+                        "give a GraniteSpeech model")
+    model.check_inputs(input_ids, input_features, input_features_mask)
     return max_new_tokens, input_features, input_features_mask, device
 
 
@@ -229,10 +203,17 @@ def transcribe_ids(
     ids, padding = _left_pack(input_ids.to(device), attention_mask, pad_token_id)
     batch, prompt_len = ids.shape
 
-    prepare = getattr(model, "prepare_inputs_for_generation", None)
-    if not callable(prepare):
+    hook = getattr(model, "prepare_inputs_for_generation", None)
+    if not callable(hook):
         raise TypeError(f"{type(model).__name__} has no prepare_inputs_for_generation(iteration, input_ids, kwargs); "
                         "give a GraniteSpeech model")
+
+    def prepare(iteration: int, step_ids: torch.Tensor, kwargs: dict):
+        step_ids, kwargs = hook(iteration, step_ids, kwargs)
+        if iteration == 0:  # the prompt passed check_inputs above: the prefill runs on its embeddings, unchecked
+            step_ids = model._embed(step_ids, kwargs.pop("input_features", None),
+                                    kwargs.pop("input_features_mask", None))
+        return step_ids, kwargs
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     produced: list[torch.Tensor] = []

@@ -264,7 +264,13 @@ class GraniteSpeech(nn.Module):
         """
         b, length, dim = text_embeds.shape
         if not torch.compiler.is_compiling():
-            _check_merge(input_ids == self.config.audio_token_index, audio_embeds, input_features_mask)
+            if self.__dict__.get("_merge_checked", False) and input_features_mask is not None:
+                # from forward / embed_inputs / the generators, check_inputs has counted the <|audio|> positions
+                # against the mask once; what it cannot know is the projector's actual output: its shape (metadata,
+                # no host sync) against the mask's
+                _check_merge_shapes(audio_embeds, input_features_mask)
+            else:
+                _check_merge(input_ids == self.config.audio_token_index, audio_embeds, input_features_mask)
         is_audio = (input_ids == self.config.audio_token_index).reshape(-1)  # [B*L]
         audio = audio_embeds.reshape(-1, audio_embeds.shape[-1]).to(device=text_embeds.device, dtype=text_embeds.dtype)
         count = audio.shape[0]
@@ -357,6 +363,9 @@ class GraniteSpeech(nn.Module):
         else:
             real = input_features.shape[0] * tokens
         n = int((input_ids == audio_id).sum())
+        if n == 0 and real and past == 0:  # a prompt without <|audio|> (a later step with features: see below)
+            raise ValueError(f"input_features were given but input_ids hold no audio token (id {audio_id}); put "
+                             "<|audio|> in the prompt and expand it with GraniteSpeechProcessor")
         if n != real:
             raise ValueError(f"the prompt has {n} <|audio|> tokens (id {audio_id}) but the audio gives {real} audio "
                              "embeddings; expand each <|audio|> to its clip's token count with the processor, and "
@@ -387,12 +396,19 @@ class GraniteSpeech(nn.Module):
         return self._embed(input_ids, input_features, input_features_mask)
 
     def _embed(self, input_ids, input_features, input_features_mask) -> torch.Tensor:
+        """``embed_inputs`` without its check: for inputs ``check_inputs`` has passed (or compiled code)."""
         is_audio = input_ids == self.config.audio_token_index
         embeds = self.decoder.base_model.embedding(input_ids.masked_fill(is_audio, 0))
         if input_features is None:
             return embeds
         audio = self.get_audio_embeddings(input_features)
-        return self.merge_audio_embeddings(input_ids, embeds, audio, input_features_mask)
+        if torch.compiler.is_compiling():
+            return self.merge_audio_embeddings(input_ids, embeds, audio, input_features_mask)
+        self.__dict__["_merge_checked"] = True  # plain attribute (no nn.Module bookkeeping), eager only
+        try:
+            return self.merge_audio_embeddings(input_ids, embeds, audio, input_features_mask)
+        finally:
+            self.__dict__["_merge_checked"] = False
 
     # -- forward -------------------------------------------------------------------------------------------------
 
@@ -472,12 +488,18 @@ class GraniteSpeech(nn.Module):
         return input_ids, kwargs
 
 
-def _check_merge(is_audio: torch.Tensor, audio: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-    """The merge's own check on the tensors it is given (host values: eager only)."""
-    if mask is not None and tuple(mask.shape) != tuple(audio.shape[:2]):
+def _check_merge_shapes(audio: torch.Tensor, mask: torch.Tensor) -> None:
+    """The audio embeddings the projector produced against the mask's [clips, tokens] (shapes only)."""
+    if tuple(mask.shape) != tuple(audio.shape[:2]):
         raise ValueError(f"input_features_mask has shape {tuple(mask.shape)} but the audio embeddings are "
                          f"{tuple(audio.shape[:2])} (clips, tokens per clip); the mask must come from the same feature "
                          "extraction call as the features")
+
+
+def _check_merge(is_audio: torch.Tensor, audio: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    """The merge's own check on the tensors it is given, for a direct call (host values: eager only)."""
+    if mask is not None:
+        _check_merge_shapes(audio, mask)
     real = int(mask.sum()) if mask is not None else audio.shape[0] * audio.shape[1]
     n = int(is_audio.sum())
     if n != real:

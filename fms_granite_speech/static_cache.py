@@ -154,7 +154,6 @@ def generate_static(model, input_ids: torch.Tensor, input_features: Optional[tor
         raise ValueError(f"the prompt ({length} tokens) and max_new_tokens ({max_new_tokens}) reach position {slots} "
                          f"but the decoder has {limit} positions (max_expected_seq_len); shorten the prompt, the "
                          f"audio or max_new_tokens (at most {limit - length + 1} new tokens after this prompt)")
-    model.check_inputs(ids, input_features, input_features_mask)
     if decoder is None:
         decoder = StaticDecoder(model, StaticCache.allocate(model, batch, slots), compile=compile, mode=mode,
                                 backend=backend)
@@ -173,8 +172,9 @@ def generate_static(model, input_ids: torch.Tensor, input_features: Optional[tor
             # [B, L, S]: FMS's own prompt mask over the first L slots, nothing after them
             mask = torch.zeros(batch, length, cache.written.shape[1], dtype=torch.bool, device=device)
             mask[:, :, :length] = keep
-            logits, _ = model(ids, input_features=input_features, input_features_mask=input_features_mask,
-                              position_ids=padding["position_ids"], past_key_value_states=cache.layers,
+            # the prompt passed check_inputs (_check_prompt): the prefill runs on its embeddings, unchecked
+            embeds = model._embed(ids, input_features, input_features_mask)
+            logits, _ = model(embeds, position_ids=padding["position_ids"], past_key_value_states=cache.layers,
                               use_cache=True, attn_name=ATTN_NAME, mask=mask,
                               cache_position=torch.arange(length, device=device), last_n_tokens=1)
             logits = logits[:, -1]

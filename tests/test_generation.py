@@ -358,3 +358,47 @@ def test_transcribe_takes_a_numpy_waveform(untied, processor):
     wave = load_wav(shipped_audio("fox"))[0][0]
     want = transcribe(fms, processor, shipped_audio("fox"), max_new_tokens=4, eos_token_id=None)
     assert transcribe(fms, processor, wave.numpy(), max_new_tokens=4, eos_token_id=None) == want
+
+
+# -- each fact checked once ------------------------------------------------------------------------------------------
+
+
+def test_the_prompt_is_checked_once_on_every_path(tied, processor, monkeypatch):
+    """One input check (``GraniteSpeech.check_inputs``) serves the forward, the merge and both generators: the
+    audio-token count of a prompt is counted once per call, whichever entry point takes it; a direct call of the
+    merge checks its own arguments."""
+    from fms_granite_speech import model as model_module
+    from fms_granite_speech.static_cache import generate_static
+
+    _, fms, _ = tied
+    audio = _audio_inputs(processor, "fox")
+    ids, feats, fmask = audio["input_ids"], audio["input_features"], audio["input_features_mask"]
+    counts = {"check_inputs": 0, "merge": 0}
+    real_check, real_merge = model_module.GraniteSpeech.check_inputs, model_module._check_merge
+
+    def check_inputs(self, *args, **kwargs):
+        if kwargs.get("input_ids", args[0] if args else None).shape[1] > 1:  # prompts (decode steps are L = 1)
+            counts["check_inputs"] += 1
+        return real_check(self, *args, **kwargs)
+
+    def check_merge(*args):
+        counts["merge"] += 1
+        return real_merge(*args)
+
+    monkeypatch.setattr(model_module.GraniteSpeech, "check_inputs", check_inputs)
+    monkeypatch.setattr(model_module, "_check_merge", check_merge)
+    calls = {
+        "forward": lambda: fms(ids, input_features=feats, input_features_mask=fmask),
+        "embed_inputs": lambda: fms.embed_inputs(ids, feats, fmask),
+        "transcribe_ids": lambda: transcribe_ids(fms, ids, feats, fmask, max_new_tokens=3),
+        "generate_static": lambda: generate_static(fms, ids, feats, fmask, max_new_tokens=3),
+    }
+    with torch.no_grad():
+        for name, call in calls.items():
+            counts.update(check_inputs=0, merge=0)
+            call()
+            assert counts == {"check_inputs": 1, "merge": 0}, name
+        counts.update(check_inputs=0, merge=0)
+        embeds = fms.decoder.base_model.embedding(ids.masked_fill(ids == fms.config.audio_token_index, 0))
+        fms.merge_audio_embeddings(ids, embeds, fms.get_audio_embeddings(feats), fmask)
+        assert counts == {"check_inputs": 0, "merge": 1}
