@@ -480,15 +480,22 @@ def _cmd_diff(args, argv) -> int:
 def _run_diff(args, argv, cases, progress) -> int:
     import torch
 
-    from parity.compare import run_parity
-    from parity.inputs import CASES, build_inputs
+    from parity.diffrun import DiffOptions, diff_runs
     from parity.pair import build_pair
-    from parity.report import (DEFAULT_REPORT_DIR, attribution_table, drift_table, format_table, publish_runs,
-                               summary_lines)
+    from parity.report import DEFAULT_REPORT_DIR, publish_runs
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.report_dir or DEFAULT_REPORT_DIR)
+    options = DiffOptions(layers=args.layer, mode=args.mode, compile_backend=args.compile_backend,
+                          reference=args.reference, compile_scope=args.compile_scope, explain=args.explain,
+                          audio=args.audio, prompt=args.prompt, same_inputs=args.same_inputs,
+                          save_activations=args.save_activations, save_layers=args.save_layers,
+                          save_max_mib=args.save_max_mib, repro=args.repro)
+
+    def command(name: Optional[str]) -> str:
+        return _reproduce(argv if name is None or len(cases) == 1 else _with_case(argv, name), torch.get_num_threads())
+
     try:
         if progress:
             progress({"together": "building both models", "sequential": "preparing the pair (one model at a time)",
@@ -500,64 +507,41 @@ def _run_diff(args, argv, cases, progress) -> int:
         build_s = time.perf_counter() - built  # models held together are built here, before run_parity's clock
         if progress and args.memory == "auto":
             progress("both models built" if pair.memory == "together" else "one model at a time (memory auto)")
-        runs = []
-        for name in cases or [None]:
-            if progress and name:
-                progress(f"case {name}")
-            if name is None:
-                inputs = build_inputs(pair, audio=args.audio, prompt=args.prompt, same_inputs=args.same_inputs)
-            else:
-                inputs = CASES[name].inputs(pair, same_inputs=args.same_inputs)
-            layers = args.layer
-            if layers is None and not inputs.has_audio:
-                layers = ["input_ids", "decoder"]
-            store = None
-            if args.save_activations:
-                from parity.activations import ActivationStore
-
-                store = ActivationStore(args.save_layers or args.layer, int(args.save_max_mib * 2**20))
-            result = run_parity(pair, inputs, layers=layers, mode=args.mode, compile_backend=args.compile_backend,
-                                reference=args.reference, compile_scope=args.compile_scope, explain=args.explain,
-                                activations=store, progress=progress)
-            first = result.first_failure()
-            if args.repro and first is not None and first.pair.tensor != "pipeline":
-                from parity.repro import write_repro
-
-                try:
-                    write_repro(pair, inputs, first.name, args.repro,
-                                None if first.diff is None else first.diff.tolerance.to_dict())
-                    result.notes.append(f"repro of {first.name}: {args.repro} (python {args.repro}/repro.py)")
-                except ValueError as err:
-                    result.notes.append(f"no repro of {first.name}: {_first_line(err)}")
-            if store is not None:
-                store.save(args.save_activations, float(pair.config.decoder.logits_scaling),
-                           _reproduce(argv, torch.get_num_threads()))
-                result.notes.append(f"activations: {len(store.tensors)} tensors, {store.bytes / 2**20:.1f} MiB, in "
-                                    f"{args.save_activations}" + (
-                                        f"; the {args.save_max_mib:g} MiB cap was reached: rows not (wholly) saved: "
-                                        f"{', '.join(store.cut[:5])}{' ...' if len(store.cut) > 5 else ''} (raise "
-                                        "--save-max-mib or narrow --save-layers)" if store.cut else ""))
-            result.command = _reproduce(argv if name is None or len(cases) == 1 else
-                                        _with_case(argv, name), torch.get_num_threads())
-            if not runs and pair.memory == "together":  # the first run paid for building both: its elapsed says so
-                result.elapsed_s = round(result.elapsed_s + build_s, 3)
-                result.notes.append(f"elapsed includes {build_s:.1f} s building the models before the run")
-            runs.append((name, result))
+        runs = diff_runs(pair, cases, options, command, progress)
     except (ValueError, FileNotFoundError, OSError) as err:
         raise _UsageError(_first_line(err)) from None
+    if runs and pair.memory == "together":  # the first run paid for building both: its elapsed says so
+        first = runs[0][1]
+        first.elapsed_s = round(first.elapsed_s + build_s, 3)
+        first.notes.append(f"elapsed includes {build_s:.1f} s building the models before the run")
     if args.distributed and int(os.environ.get("RANK", "0")) != 0:
         return EXIT_PASS if all(r.passed for _, r in runs) else EXIT_FAIL  # rank 0 reports for every rank
     if progress:
         progress("writing the report")
-    to_stdout = args.json == "-"
+    if args.json != "-":
+        _print_runs(args, pair, runs)
+    payload = (runs[0][1].to_json() if len(runs) == 1 else _suite_json(runs)) if args.json else None
+    try:
+        # the --json file is written aside first, the report published, then the file renamed into place: a full
+        # disk or a failed publish leaves both the earlier report and the earlier JSON whole
+        paths = publish_runs(runs, out_dir, args.json, payload)
+    except (ValueError, OSError) as err:  # the folder became unwritable, the disk is full: nothing was replaced
+        raise _UsageError(_first_line(err)) from None
+    if args.json != "-":
+        print("report: " + " ".join(str(p) for p in paths))
+    return EXIT_PASS if all(r.passed for _, r in runs) else EXIT_FAIL
+
+
+def _print_runs(args, pair, runs) -> None:
+    """The terminal output of ``parity diff``: per run a header line, the table, the summary and the notes."""
+    from parity.report import attribution_table, drift_table, format_table, summary_lines
+
     source = f"checkpoint {args.checkpoint}" if args.checkpoint else f"variant {args.variant or 'tiny'}, seed {args.seed}"
     scope = "" if args.compile_scope == "regional" else f", compile {args.compile_scope}"
     mode = args.mode if args.mode == "eager" else f"{args.mode}{scope}, backend {args.compile_backend}"
     if args.unfused:
         source += ", FMS unfused"
     for name, result in runs:
-        if to_stdout:
-            continue
         label = f" case {name}:" if name else ""
         print(f"parity diff{label} {' '.join(args.layer or ['(whole model)'])}: {source}, {args.dtype} on "
               f"{pair.device}, audio {', '.join(result.inputs.get('audio') or ['(text only)'])}, mode {mode}")
@@ -572,16 +556,6 @@ def _run_diff(args, argv, cases, progress) -> int:
             print(f"note: {note}")
         print(f"elapsed {result.elapsed_s:.1f} s, peak memory "
               + ", ".join(f"{k} {v}" for k, v in result.peak_memory.items()))
-    payload = (runs[0][1].to_json() if len(runs) == 1 else _suite_json(runs)) if args.json else None
-    try:
-        # the --json file is written aside first, the report published, then the file renamed into place: a full
-        # disk or a failed publish leaves both the earlier report and the earlier JSON whole
-        paths = publish_runs(runs, out_dir, args.json, payload)
-    except (ValueError, OSError) as err:  # the folder became unwritable, the disk is full: nothing was replaced
-        raise _UsageError(_first_line(err)) from None
-    if not to_stdout:
-        print("report: " + " ".join(str(p) for p in paths))
-    return EXIT_PASS if all(r.passed for _, r in runs) else EXIT_FAIL
 
 
 def _with_case(argv: Sequence[str], name: str) -> list[str]:
