@@ -17,7 +17,7 @@ import torch
 from fms_granite_speech import _fms_compat
 from fms_granite_speech.config import MODEL_TYPES, GraniteSpeechConfig, LoRAConfig, get_config
 from fms_granite_speech.folder import (ADAPTER_WEIGHTS, CheckpointFolderError, check_checkpoint_folder,
-                                       check_safetensors_folder)
+                                       check_safetensors_folder, read_config_json, read_json)
 from fms_granite_speech.lora import ADAPTER_CONFIG, read_lora_config
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "check_checkpoint", "check_safetensors_folder", "load_checkpoint",
@@ -36,7 +36,7 @@ def read_config(path: Union[str, Path], variant: Optional[str] = None, lora: Opt
     path = Path(path)
     file = path / "config.json"
     try:
-        raw = json.loads(file.read_text())
+        raw = read_config_json(path)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointFolderError(f"{file} is not readable JSON ({err}); restore the checkpoint's config.json") \
             from None
@@ -106,7 +106,7 @@ def load_checkpoint(
     path = check_checkpoint_folder(path)
     files, adapter_file = check_safetensors_folder(path, for_glob=True)
     lora = read_lora_config(path) if adapter else None
-    if adapter and lora is None and json.loads((path / "config.json").read_text()).get("has_lora_adapter", False):
+    if adapter and lora is None and read_json(path / "config.json").get("has_lora_adapter", False):
         raise CheckpointFolderError(
             f"{path}/config.json declares has_lora_adapter=true but the folder has no {ADAPTER_CONFIG}; pass "
             "adapter=False to load the base model without the audio LoRA"

@@ -14,10 +14,11 @@ A folder written by transformers' ``save_pretrained`` holds ``config.json``, eit
 * a truncated file or a damaged safetensors header: named with the file, before a loader fails inside safetensors.
 """
 
+import functools
 import json
 import struct
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 __all__ = [
     "ADAPTER_WEIGHTS",
@@ -27,6 +28,8 @@ __all__ = [
     "check_checkpoint_folder",
     "check_safetensors_file",
     "check_safetensors_folder",
+    "read_config_json",
+    "read_json",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,6 +41,53 @@ _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors refuses headers above 100 MB
 
 class CheckpointFolderError(ValueError):
     """A checkpoint folder (or a file in it) that cannot be loaded as it is; the message names the file and the fix."""
+
+
+def _file_state(path: Path) -> tuple:
+    """What identifies one version of a file: its resolved path, inode, size and modification time (ns)."""
+    st = path.stat()
+    return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _read_bytes(state: tuple) -> bytes:
+    return Path(state[0]).read_bytes()
+
+
+def read_json(path: Union[str, Path]) -> Any:
+    """A JSON file's content, read from disk once per version of the file (path, inode, size, modification time):
+    the folder checks, the config and adapter readers and the HF side of one run share one read of each file; an
+    edited file is read again. Each call parses afresh, so callers may change what they get.
+
+    Raises:
+        OSError: the file cannot be read; json.JSONDecodeError / UnicodeDecodeError: it is not JSON (callers name the
+            file and the fix).
+    """
+    return json.loads(_read_bytes(_file_state(Path(path))))
+
+
+def read_config_json(folder: Union[str, Path]) -> Any:
+    """A checkpoint folder's ``config.json`` as transformers reads it (``read_json``, then its tagged non-finite
+    floats, ``{"__float__": "Infinity"}``, which its ``to_json_string`` writes for inf and NaN, e.g. granitemoehybrid's
+    ``time_step_limit``, read back as floats).
+
+    Raises:
+        OSError, json.JSONDecodeError, UnicodeDecodeError: as ``read_json``.
+    """
+    return _special_floats(read_json(Path(folder) / "config.json"))
+
+
+def _special_floats(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        return {k: _special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_special_floats(v) for v in value]
+    return value
+
+
+_CHECKED: set = set()  # versions of safetensors files whose header check_safetensors_file has passed
 
 
 def check_safetensors_file(path: Union[str, Path]) -> None:
@@ -53,7 +103,10 @@ def check_safetensors_file(path: Union[str, Path]) -> None:
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        state = _file_state(path)
+        if state in _CHECKED:  # this version of the file passed already (every loader of a run checks it)
+            return
+        size = state[2]
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -84,6 +137,7 @@ def check_safetensors_file(path: Union[str, Path]) -> None:
     if 8 + n + end > size:
         raise CheckpointFolderError(f"{path} is truncated: its header promises {8 + n + end} bytes, the file has "
                                     f"{size}; re-download or re-save it")
+    _CHECKED.add(state)
 
 
 def check_safetensors_folder(path: Union[str, Path], *, for_glob: bool = False) -> tuple[list[Path], Optional[Path]]:
@@ -108,7 +162,7 @@ def check_safetensors_folder(path: Union[str, Path], *, for_glob: bool = False) 
     index = path / INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index)["weight_map"]
             files = [path / name for name in sorted(set(weight_map.values()))]
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
             raise CheckpointFolderError(f"{index} is not a safetensors index (needs a 'weight_map' object of tensor "
@@ -166,7 +220,7 @@ def check_checkpoint_folder(path: Union[str, Path]) -> Path:
         raise CheckpointFolderError(f"{path} has no config.json: not an HF checkpoint folder (give the folder "
                                     "save_pretrained wrote, or a downloaded ibm-granite/granite-speech-3.3-* snapshot)")
     try:
-        raw = json.loads(config.read_text())
+        raw = read_json(config)
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise CheckpointFolderError(f"{config} is not readable JSON ({err}); restore the checkpoint's config.json") \
             from None

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fms_granite_speech.config import GraniteSpeechConfig, LoRAConfig, _decoder_ffn_dim
+from fms_granite_speech.folder import read_json
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -296,7 +297,7 @@ def read_lora_config(path: Union[str, Path]) -> Optional[LoRAConfig]:
     if not file.is_file():
         return None
     try:
-        cfg = json.loads(file.read_text())
+        cfg = read_json(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON ({err}); restore the adapter's adapter_config.json") from None
     if not isinstance(cfg, dict):

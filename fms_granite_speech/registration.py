@@ -29,7 +29,7 @@ from fms_granite_speech import _fms_compat
 from fms_granite_speech._strict import template_regex
 from fms_granite_speech.config import GraniteSpeechConfig, VARIANTS, get_config
 from fms_granite_speech.conformer import hf_encoder_to_fms
-from fms_granite_speech.folder import check_checkpoint_folder
+from fms_granite_speech.folder import check_checkpoint_folder, read_json
 from fms_granite_speech.lora import LORA_TARGETS, read_lora_config
 from fms_granite_speech.model import GraniteSpeech
 from fms_granite_speech.projector import hf_projector_to_fms
@@ -84,9 +84,7 @@ def get_model(variant: Optional[str] = None, model_path: Union[None, str, Path] 
         check_checkpoint_folder(model_path)
     if _wants_tp(kwargs.get("distributed_strategy")):
         if variant is None and model_path is not None:  # the folder's text_config (checked readable above)
-            import json
-
-            text = json.loads((Path(model_path) / "config.json").read_text()).get("text_config") or {}
+            text = read_json(Path(model_path) / "config.json").get("text_config") or {}
             heads = int(text.get("num_attention_heads", 0))
             check_tensor_parallel(heads, int(text.get("num_key_value_heads") or heads))
         else:

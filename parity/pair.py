@@ -386,13 +386,23 @@ def _hf_from_checkpoint(path: Path, dtype: torch.dtype, device: torch.device) ->
     import transformers
     from transformers.utils import logging as hf_logging
 
+    from fms_granite_speech.folder import read_config_json, read_json
+
     hf_logging.disable_progress_bar()  # from_pretrained's per-file bars would bury the parity output
     try:
-        hf_class = getattr(transformers, transformers.AutoConfig.from_pretrained(str(path)).architectures[0])
-        hf = hf_class.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        # transformers' own config class built from the config.json the folder checks read (one read of the file),
+        # as from_pretrained builds it
+        raw = read_config_json(path)
+        config = transformers.AutoConfig.for_model(**raw)
+        hf_class = getattr(transformers, config.architectures[0])
+        hf = hf_class.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError) as err:
         raise ValueError(f"transformers cannot load {path}: {str(err).splitlines()[0]}") from None
-    if (path / "adapter_config.json").is_file() and not getattr(hf, "_hf_peft_config_loaded", False):
-        hf.load_adapter(str(path))
+    adapter = path / "adapter_config.json"
+    if adapter.is_file() and not getattr(hf, "_hf_peft_config_loaded", False):
+        from peft import PeftConfig
+
+        # peft's config object from the adapter_config.json read_lora_config read; the weights from the folder
+        hf.load_adapter(str(path), peft_config=PeftConfig.from_peft_type(**read_json(adapter)))
     return hf.to(device=device).eval()
 

@@ -23,7 +23,6 @@ project's ``fms_granite_speech.processor`` / ``features``.
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Union
@@ -166,7 +165,9 @@ def counts_of_checkpoint(folder: Union[str, Path]) -> LayerCounts:
         raise ValueError(f"{folder} has no config.json: not an HF checkpoint folder (give the folder save_pretrained "
                          "wrote, or a downloaded ibm-granite/granite-speech-3.3-* snapshot)")
     try:
-        raw = json.loads(file.read_text())
+        from fms_granite_speech.folder import read_json  # torch-free: the CLI's map stays light
+
+        raw = read_json(file)
     except (OSError, ValueError) as err:
         raise ValueError(f"{file} is not readable JSON ({err}); restore the checkpoint's config.json") from None
     if not isinstance(raw, dict) or raw.get("model_type") not in ("granite_speech", "granite_speech_plus"):

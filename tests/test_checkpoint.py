@@ -308,3 +308,66 @@ def test_factory_overrides(cfg):
     assert full.config == cfg
     with pytest.raises(TypeError, match=r"unknown Granite Speech config fields \['nlayers'\]"):
         get_model("granite_speech", "tiny", device_type="meta", nlayers=3)
+
+
+def test_one_parity_pair_reads_each_file_of_the_folder_once(hf, tmp_path, monkeypatch):
+    """``build_pair(checkpoint=DIR)`` with both models built: every file of the folder is opened once by this
+    project's code (config.json and adapter_config.json read once, each safetensors header checked once, each
+    tensor's data read once by the FMS loader); transformers is handed the parsed config and peft config, so it reads
+    config.json no more (its own loader reads the weights, and peft the adapter file, for the reference side)."""
+    import builtins
+    import collections
+    import io
+    import traceback
+    from pathlib import Path
+
+    import safetensors
+
+    from parity.pair import build_pair
+
+    folder = write_hf_checkpoint(hf, tmp_path / "once")
+    opens, tensors = collections.Counter(), collections.Counter()
+    ours = ("/fms_granite_speech/", "/parity/")
+    real_open, real_safe_open = builtins.open, safetensors.safe_open
+
+    def counted_open(file, *args, **kwargs):
+        if isinstance(file, (str, Path)) and Path(file).parent == folder:
+            caller = next(f for f in reversed(traceback.extract_stack()[:-1])
+                          if not f.filename.endswith(("pathlib.py", "/json/__init__.py")))
+            project = any(o in caller.filename for o in ours) and "site-packages" not in caller.filename
+            opens[(Path(file).name, "ours" if project else "library")] += 1
+        return real_open(file, *args, **kwargs)
+
+    class CountedSafeOpen:
+        def __init__(self, filename, *args, **kwargs):
+            self.name, self.inner = Path(filename).name, real_safe_open(filename, *args, **kwargs)
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_slice(self, key):
+            return self.inner.get_slice(key)
+
+        def get_tensor(self, key):
+            tensors[(self.name, key)] += 1
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(builtins, "open", counted_open)
+    monkeypatch.setattr(io, "open", counted_open)
+    monkeypatch.setattr(safetensors, "safe_open", CountedSafeOpen)
+    pair = build_pair(checkpoint=str(folder))
+    pair.get("hf"), pair.get("fms")
+    for name in ("config.json", "adapter_config.json", "model.safetensors", "adapter_model.safetensors"):
+        assert opens[(name, "ours")] == 1, (name, dict(opens))
+    assert opens[("config.json", "library")] == 0, dict(opens)
+    with real_safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {k for (file, k) in tensors if file == "model.safetensors"} == keys
+    assert set(tensors.values()) == {1}, [k for k, v in tensors.items() if v != 1][:5]
