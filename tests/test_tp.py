@@ -67,3 +67,22 @@ def test_distributed_without_torchrun_is_a_usage_error(capsys):
 
     assert main(["diff", "--distributed", "tp"]) == 2
     assert "torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two torchrun launches: about 40 s on 2 cores (the slower tier)
+@pytest.mark.parametrize("variant", ["tiny-4.0", "tiny-plus"])
+def test_family_members_shard_under_torchrun(variant, tmp_path):
+    """The 4.x members' decoders shard as 3.3's: granite-4.0-1b-speech's read from a granitemoehybrid text config
+    (its shared_mlp split by the adapter before FMS shards it), and Granite Speech Plus (the concatenated encoder
+    state replicated on every rank); every decoder row of the sharded FMS model against single-process HF."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), "-m", "parity.cli", "diff", "--distributed", "tp", "--variant", variant,
+                          "--report-dir", str(tmp_path), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads((tmp_path / "parity-report.json").read_text())
+    assert report["provenance"]["distributed"] == {"strategy": "tp", "world_size": 2} and report["passed"]
+    names = [r["pair"]["name"] for r in report["layers"]]
+    assert "decoder.layers.3.mlp" in names and "encoder" in names and names[-1] == "logits"
