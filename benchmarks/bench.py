@@ -453,11 +453,11 @@ def table(rows: Sequence[dict], tablefmt: str) -> str:
             ok = va and vb and va["median"] is not None and vb["median"]
             cells.append(f"{va['median'] / vb['median']:.2f}" if ok else "")
         body.append(cells)
-    text = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    text = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True) if body else ""
     extra = [[r["name"], _fmt(r.get("median_ms")), _fmt(r.get("min_ms")), r.get("note", "")]
              for r in rows if r["kind"] != "timing"]
     if extra:
-        text += "\n\n" + tabulate(extra, headers=["row", "median ms", "min ms", "note"], tablefmt=tablefmt,
+        text += ("\n\n" if text else "") + tabulate(extra, headers=["row", "median ms", "min ms", "note"], tablefmt=tablefmt,
                                   disable_numparse=True)
     return text
 
@@ -503,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile backend for --compile (inductor; aot_eager to check tracing only)")
     p.add_argument("--no-static", action="store_true", help="skip the static-KV-cache engines")
     p.add_argument("--no-parity", action="store_true", help="skip the parity-engine cost rows")
+    p.add_argument("--parity-only", action="store_true",
+                   help="only the parity-engine cost rows (no generation engines, no floor): the engine's cost at "
+                        "full size in minutes instead of half an hour")
     p.add_argument("--parity-clip", type=float, default=None,
                    help="clip seconds for the parity-cost rows (default: the shortest of --clips)")
     p.add_argument("--read-mib", type=_positive(1), default=None,
@@ -537,25 +540,29 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     device = pair.device
     notes: list[str] = []
     pad_id = getattr(pair.get_tokenizer(), "pad_token_id", None) or 0
+    if args.parity_only and args.no_parity:
+        parser.error("--parity-only and --no-parity leave nothing to measure")
     inputs = {c: model_inputs(build_inputs(pair, audio=tiled_speech(c, args.audio), sampling_rate=SAMPLE_RATE),
-                              device, dtype) for c in args.clips}
+                              device, dtype) for c in ([] if args.parity_only else args.clips)}
     n = args.new_tokens
 
     rows: list[dict] = []
-    for clip_s in args.clips:
+    for clip_s in inputs:
         x = inputs[clip_s]
         engines = [hf_engine(pair.hf, x, n, pad_id), fms_engine(pair.fms, x, n, pad_id)]
         if not args.no_static:
             engines.append(static_engine(pair.fms, x, n, pad_id, False, device, args.compile_backend))
         rows += measure(engines, clip_s, device, args, notes)
 
-    read_mib = args.read_mib or (2048 if device.type == "cuda" else 1024)
-    bandwidth = read_bandwidth_gbs(device, read_mib, args.repeats)
-    weights = decoder_weight_bytes(pair.fms)
-    floor_ms = weights / (bandwidth * 1e9) * 1e3
-    floor = {"kind": "floor", "name": "decode floor (decoder weights / read bandwidth)", "median_ms": floor_ms,
-             "weight_bytes": weights, "bandwidth_gbs": bandwidth,
-             "note": f"{weights / 1e9:.4g} GB decoder weights / {bandwidth:.1f} GB/s (sum over {read_mib} MiB)"}
+    floor = None
+    if not args.parity_only:
+        read_mib = args.read_mib or (2048 if device.type == "cuda" else 1024)
+        bandwidth = read_bandwidth_gbs(device, read_mib, args.repeats)
+        weights = decoder_weight_bytes(pair.fms)
+        floor_ms = weights / (bandwidth * 1e9) * 1e3
+        floor = {"kind": "floor", "name": "decode floor (decoder weights / read bandwidth)", "median_ms": floor_ms,
+                 "weight_bytes": weights, "bandwidth_gbs": bandwidth,
+                 "note": f"{weights / 1e9:.4g} GB decoder weights / {bandwidth:.1f} GB/s (sum over {read_mib} MiB)"}
 
     if not args.no_parity:
         clip = args.parity_clip if args.parity_clip is not None else min(args.clips)
@@ -565,7 +572,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         extra = []
 
-    if args.compile:
+    if args.compile and not args.parity_only:
         try:
             compile_hf(pair.hf, args.compile_backend)
             compile_fms(pair.fms, args.compile_backend)
@@ -581,8 +588,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             notes.append(f"compiled rows stopped: {type(err).__name__}: {first}")
             traceback.print_exc(file=sys.stderr)
 
-    rows = merge_rows(rows + floor_rows(rows, floor_ms))
-    rows += [floor] + extra
+    if floor is not None:
+        rows = merge_rows(rows + floor_rows(rows, floor["median_ms"]))
+        rows += [floor]
+    rows += extra
     doc = {
         "meta": {**environment(device), "variant": args.variant, "dtype": str(dtype).removeprefix("torch."),
                  "batch": 1, "decoding": "greedy", "new_tokens": n, "repeats": args.repeats, "warmup": args.warmup,
