@@ -194,7 +194,8 @@ class Capture:
         self.on_input = on_input
         self.capture_call_args = call_args
         self.key = f"capture-{id(self)}"
-        self.modules = {p: self._resolve(model, p) for p in paths}
+        index = dict(model.named_modules(remove_duplicate=False)) if len(paths) > 8 else {}  # one walk, not one each
+        self.modules = {p: index[p] if p in index else self._resolve(model, p) for p in paths}
         self._handles: list = []
         self._hooks = {what: _Hook(self, what) for what in ("out", "in", "args")}
         self._reset()

@@ -411,12 +411,14 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
         calls = ref.calls.get(p.name) or []
         run = hf_run = None
         if p.kind is not None and calls:
-            def run(p=p, fms_module=fms_module, call=calls[0]):
+            def replay(p=p, fms_module=fms_module, call=calls[0]):
                 return replay_fms(REPLAYS[p.kind], fms, fms_module, _to_device(call, pair.device), ref.context)
-            if hf_module is not None:
-                def hf_run(hf_module=hf_module, call=calls[0]):
-                    bound = inspect.BoundArguments(inspect.signature(hf_module.forward), _to_device(call, pair.device))
-                    return hf_module(*bound.args, **bound.kwargs)
+
+            def hf_replay(hf_module=hf_module, call=calls[0]):
+                bound = inspect.BoundArguments(inspect.signature(hf_module.forward), _to_device(call, pair.device))
+                return hf_module(*bound.args, **bound.kwargs)
+
+            run, hf_run = replay, (hf_replay if hf_module is not None else None)
         exp = explain_row(p.name, hf_module, fms_module, run, reduced=pair.dtype in REDUCED_PRECISION, hf_run=hf_run)
         if hf_module is None:
             exp.note = "attributes not compared: HF was freed (one model at a time); --memory together compares them"
@@ -467,7 +469,8 @@ def _run_reference(pair, inputs, run, model_rows, replayed, upto, decoder, bound
                             progress)
             if clock is not None:
                 clock("float64 bounds")
-        bound_calls = {name: [bind(hf.get_submodule(_by_name(run, name).hf), a, k) for a, k in values]
+        rows, modules = {p.name: p for p in run}, dict(hf.named_modules(remove_duplicate=False))
+        bound_calls = {name: [bind(modules[rows[name].hf], a, k) for a, k in values]
                        for name, values in calls.items()}
     return _Reference(tensors=reference, calls=bound_calls, context=context, hf_has=hf_has)
 
@@ -495,8 +498,9 @@ def _float64_bounds(pair, hf, hf_in, run, model_rows, replayed, upto, reference,
     ctx64 = dict(context, hf=hf)
     if "audio" in ctx64:
         ctx64["audio"] = ctx64["audio"].to(pair.device)
+    rows = {p.name: p for p in run}
     for name, k, args, kwargs in iter_calls(calls, [p.name for p in replayed]):
-        p = _by_name(run, name)
+        p = rows[name]
         out64 = replay_hf64(REPLAYS[p.kind], hf.get_submodule(p.hf), _to_device(args, pair.device),
                             _to_device(kwargs, pair.device), ctx64)
         rel = _rel_l2(reference[name][k].to(out64.device), out64)
@@ -560,10 +564,12 @@ def _replay_under_test(fms, replayed, ref: _Reference, bounds, device, config) -
     error). Returns ``(diffs per row, error per row)``."""
     introduced: dict[str, list[TensorDiff]] = {p.name: [] for p in replayed}
     errors: dict[str, str] = {}
+    modules = dict(fms.named_modules(remove_duplicate=False))
     for p in replayed:
         for k, bound in enumerate(ref.calls.get(p.name, [])):
             try:
-                out = replay_fms(REPLAYS[p.kind], fms, fms.get_submodule(p.fms), _to_device(bound, device),
+                module = modules[p.fms] if p.fms in modules else fms.get_submodule(p.fms)
+                out = replay_fms(REPLAYS[p.kind], fms, module, _to_device(bound, device),
                                  ref.context)
                 out = apply_transform(p.transform, out, config)
                 introduced[p.name].append(compare_tensors(out, ref.tensors[p.name][k].to(out.device),
@@ -612,10 +618,6 @@ def _run_model(side: str, model, inputs, upto: str, dtype: torch.dtype) -> None:
         run_section(side, model, inputs, upto, dtype)
     except (ValueError, RuntimeError, IndexError, TypeError, KeyError) as err:
         raise _ModelRaised(f"{type(err).__name__}: {_first_line(err)}") from err
-
-
-def _by_name(run: list[LayerPair], name: str) -> LayerPair:
-    return next(p for p in run if p.name == name)
 
 
 def _first_line(err: BaseException) -> str:
@@ -870,11 +872,12 @@ def run_parity(pair, inputs, layers: Union[None, str, Sequence[str]] = None, tol
         if p.transform is not None and mode != "drift":
             notes.append(f"{p.name}: {TRANSFORMS[p.transform]}")
     first = next((r.name for r in results if not r.passed), None)
+    ran = {r.name for r in results}
     if mode == "drift":
         sections = [s for s in sections if s != "features"]
     return ParityResult(
         layers=results,
-        requested=[p.name for p in requested if p.name in {r.name for r in results}],
+        requested=[p.name for p in requested if p.name in ran],
         first_divergent=first,
         sections=sections,
         tolerance=None if tol is None else tol.to_dict(),
