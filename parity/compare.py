@@ -41,6 +41,7 @@ import inspect
 import json
 import math
 import platform
+import re
 import resource
 import time
 from typing import Callable, Optional, Sequence, Union
@@ -49,12 +50,12 @@ import torch
 
 from parity._tree import map_tensors
 from parity.capture import Capture
-from parity.metrics import (REDUCED_PRECISION, TensorDiff, Tolerance, compare_tensors, default_tolerance,
-                            recheck_diff, rounding_tolerance)
+from parity.metrics import (DEFAULT_CHUNK_ELEMENTS, REDUCED_PRECISION, TensorDiff, Tolerance, compare_tensors,
+                            default_tolerance, recheck_diff, rounding_tolerance)
 from parity.pathmap import (EXCLUDED, FLOAT64_UNITS, INPUT, OUTPUT, PIPELINE, REGIONS, ROUNDING, SECTIONS, TRANSFORMS, LayerPair,
                             expand, resolve, section_of)
 from parity.result import LayerResult, ParityResult
-from parity.runner import REPLAYS, bind, float64_units, iter_calls, replay_fms, replay_hf64, run_section
+from parity.runner import REPLAYS, bind, float64, float64_units, iter_calls, replay_fms, replay_hf64, run_section
 
 __all__ = ["COMPILE_BACKENDS", "COMPILE_SCOPES", "LayerResult", "MODES", "ParityResult", "REFERENCES", "SECTIONS", "apply_transform",
            "recheck", "requested_pairs", "run_parity", "run_section", "set_adapters", "versions", "worst_diff"]
@@ -321,7 +322,17 @@ def _to_device(value, device):
 
 
 def _rel_l2(test: torch.Tensor, ref: torch.Tensor) -> float:
-    return compare_tensors(test, ref, _EXACT).rel_l2
+    """``||test - ref|| / ||ref||`` in float64, as ``compare_tensors`` computes it (its chunked, non-finite-aware
+    path for large or non-finite tensors; two norms otherwise, without the statistics a bound does not use)."""
+    if ref.numel() > DEFAULT_CHUNK_ELEMENTS or test.shape != ref.shape:
+        return compare_tensors(test, ref, _EXACT).rel_l2
+    t, r = test.detach().to(torch.float64), ref.detach().to(torch.float64)
+    num, den = float(torch.linalg.vector_norm(t - r)), float(torch.linalg.vector_norm(r))
+    if not (math.isfinite(num) and math.isfinite(den)):
+        return compare_tensors(test, ref, _EXACT).rel_l2
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.inf
 
 
 class _ModelRaised(Exception):
@@ -499,12 +510,23 @@ def _float64_bounds(pair, hf, hf_in, run, model_rows, replayed, upto, reference,
     if "audio" in ctx64:
         ctx64["audio"] = ctx64["audio"].to(pair.device)
     rows = {p.name: p for p in run}
-    for name, k, args, kwargs in iter_calls(calls, [p.name for p in replayed]):
-        p = rows[name]
-        out64 = replay_hf64(REPLAYS[p.kind], hf.get_submodule(p.hf), _to_device(args, pair.device),
-                            _to_device(kwargs, pair.device), ctx64)
-        rel = _rel_l2(reference[name][k].to(out64.device), out64)
-        bounds.hf_introduced[name] = max(bounds.hf_introduced.get(name, 0.0), rel)
+    # the replays grouped by the repeated block (a FLOAT64_UNITS region) holding their module: each block is
+    # converted to float64 once for all the replays inside it (the block and its sub-modules), not once per replay;
+    # still one block at a time (the peak stays one block in float64)
+    blocks = [re.compile("^" + re.escape(r).replace(r"\{\}", r"\d+") + "(?=$|\\.)") for r in FLOAT64_UNITS]
+    grouped: dict[Optional[str], list] = {}
+    for item in iter_calls(calls, [p.name for p in replayed]):
+        path = rows[item[0]].hf
+        block = next((m.group(0) for b in blocks for m in [b.match(path)] if m), None)
+        grouped.setdefault(block, []).append(item)
+    for block, items in grouped.items():
+        with float64(hf.get_submodule(block)) if block is not None else contextlib.nullcontext():
+            for name, k, args, kwargs in items:
+                p = rows[name]
+                out64 = replay_hf64(REPLAYS[p.kind], hf.get_submodule(p.hf), _to_device(args, pair.device),
+                                    _to_device(kwargs, pair.device), ctx64)
+                rel = _rel_l2(reference[name][k].to(out64.device), out64)
+                bounds.hf_introduced[name] = max(bounds.hf_introduced.get(name, 0.0), rel)
 
 
 @dataclasses.dataclass
