@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
+from parity._shell import block_signals, raise_if_interrupted, restore_signals, signals_deferred
+
 __all__ = ["ReportFolderError", "check_writable", "stage_file", "staged", "write_atomic"]
 
 
@@ -64,16 +66,21 @@ def staged(out_dir: Union[str, Path], owned: Iterable[str]) -> Iterator[Path]:
     """
     out = check_writable(out_dir)
     parent = out.parent if str(out.parent) else Path(".")
+    held = block_signals()  # a signal waits until the staging folder is under the finally below
     try:
         parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
     except OSError as err:
+        restore_signals(held)
         raise ReportFolderError(f"cannot write reports to {out}: {err.strerror or err}") from None
     try:
+        restore_signals(held)
         yield stage
+        raise_if_interrupted()  # an interrupt swallowed by an __del__ still leaves the earlier report as it was
         _publish(stage, out, set(owned))
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with signals_deferred():  # removed whole: a signal waits until rmtree is done
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def _publish(stage: Path, out: Path, owned: set) -> None:
@@ -141,6 +148,7 @@ def write_atomic(path: Union[str, Path], text: str) -> Path:
     """
     tmp = stage_file(path, text)
     try:
+        raise_if_interrupted()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

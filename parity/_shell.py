@@ -17,7 +17,8 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "OneLineParser", "Terminated", "error_line", "interruptible"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "OneLineParser", "Terminated", "error_line", "interruptible",
+           "block_signals", "raise_if_interrupted", "restore_signals", "signals_deferred"]
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT   # 130
 EXIT_TERMINATED = 128 + signal.SIGTERM   # 143
@@ -52,8 +53,47 @@ class Terminated(BaseException):
     Exception`` of the engine swallows it)."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+# The signals received while ``interruptible`` runs a command. Python delivers a signal's exception wherever the main
+# thread is, a garbage collector's ``__del__`` included, where it is printed as "Exception ignored" and lost: the
+# record keeps it, so the command still stops before it publishes (``raise_if_interrupted``) and exits 130 / 143.
+_RECEIVED: list[int] = []
+
+
+def _raise_interrupt(signum, frame):
+    _RECEIVED.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interrupt a signal already delivered (even one an ``__del__`` swallowed): called before anything
+    is published, so an interrupted command never replaces an earlier report."""
+    if _RECEIVED:
+        raise Terminated() if _RECEIVED[-1] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def block_signals():
+    """Hold SIGINT and SIGTERM back (a signal received meanwhile is delivered by ``restore_signals``); returns what
+    ``restore_signals`` takes. A no-op off the main thread or without ``pthread_sigmask``."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def restore_signals(previous) -> None:
+    """Undo ``block_signals``: a signal held back is delivered here."""
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back for the duration (a folder removed whole); one received meanwhile is delivered
+    when the block ends."""
+    previous = block_signals()
+    try:
+        yield
+    finally:
+        restore_signals(previous)
 
 
 @contextlib.contextmanager
@@ -61,11 +101,14 @@ def _sigterm_raises() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread only
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _RECEIVED.clear()
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _RECEIVED.clear()  # answered by interruptible: nothing later re-raises it
 
 
 def interruptible(prog: str, command: Callable[[], int], unchanged: str = "") -> int:
@@ -78,7 +121,9 @@ def interruptible(prog: str, command: Callable[[], int], unchanged: str = "") ->
     """
     try:
         with _sigterm_raises():
-            return command()
+            status = command()
+            raise_if_interrupted()  # a signal an __del__ swallowed: still an interrupt
+            return status
     except BaseException as err:  # noqa: BLE001 -- anything else is re-raised unchanged
         cause = _interrupt_in(err)
         if cause is None:

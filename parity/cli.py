@@ -496,6 +496,7 @@ def _run_diff(args, argv, cases, progress) -> int:
     def command(name: Optional[str]) -> str:
         return _reproduce(argv if name is None or len(cases) == 1 else _with_case(argv, name), torch.get_num_threads())
 
+    pair = None
     try:
         if progress:
             progress({"together": "building both models", "sequential": "preparing the pair (one model at a time)",
@@ -510,6 +511,9 @@ def _run_diff(args, argv, cases, progress) -> int:
         runs = diff_runs(pair, cases, options, command, progress)
     except (ValueError, FileNotFoundError, OSError) as err:
         raise _UsageError(_first_line(err)) from None
+    finally:
+        if pair is not None:
+            pair.close()  # one model at a time: its temporary weights go now, interrupted or not
     if runs and pair.memory == "together":  # the first run paid for building both: its elapsed says so
         first = runs[0][1]
         first.elapsed_s = round(first.elapsed_s + build_s, 3)

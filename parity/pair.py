@@ -179,6 +179,16 @@ class ModelPair:
             self.fms = self._build_fms()
         return self.fms
 
+    def close(self) -> None:
+        """Remove the temporary weights folder of one model at a time now (whole: a signal waits until it is gone);
+        otherwise it goes when the pair is collected or the process exits. The pair cannot build FMS from it again."""
+        if self._folder is not None:
+            from parity._shell import signals_deferred
+
+            with signals_deferred():
+                self._folder.cleanup()
+            self._folder = None
+
     def release(self, side: str) -> None:
         """Free the model of ``side`` (it is built again by ``get``)."""
         if side == "hf":
@@ -201,15 +211,23 @@ class ModelPair:
         hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break the one-line stderr contract
         hf = build_hf_model(self.config, seed=self.seed, dtype=self.dtype, device=self.device)
         if self.memory == "sequential" and self._folder is None:
-            # FMS is built after HF is freed: from the HF folder save_pretrained writes, through the real loader
-            self._folder = tempfile.TemporaryDirectory(prefix="parity-weights-")
+            from parity._shell import block_signals, restore_signals
+
+            # FMS is built after HF is freed: from the HF folder save_pretrained writes, through the real loader;
+            # a signal waits until the folder is owned by the handler below (no window leaves it behind)
+            held = block_signals()
+            try:
+                self._folder = tempfile.TemporaryDirectory(prefix="parity-weights-")
+            except BaseException:
+                restore_signals(held)
+                raise
             # 1 GB shards: safetensors' save_file builds each shard as bytes in memory before writing it, so one
             # 50 GB-default shard would double the model's memory for the length of the save
             try:
+                restore_signals(held)
                 write_hf_checkpoint(hf, self._folder.name, max_shard_size="1GB")
             except BaseException as err:  # a full disk, an interrupt: no gigabytes of weights left in TMPDIR
-                self._folder.cleanup()
-                self._folder = None
+                self.close()
                 if isinstance(err, OSError):
                     raise ValueError(f"cannot write the temporary weights of --memory sequential to "
                                      f"{tempfile.gettempdir()}: {err.strerror or err}; free space there or set "

@@ -69,3 +69,45 @@ def test_an_interrupt_a_library_rewraps_is_still_an_interrupt(capsys):
     assert lines == ["parity diff: interrupted", "parity diff: terminated"]
     with pytest.raises(ModuleNotFoundError):  # a real import failure is not an interrupt
         interruptible("parity diff", rewrapped(ImportError("no such module")))
+
+
+def test_an_interrupt_a_finalizer_swallows_still_stops_the_command_before_it_publishes(tmp_path, capsys):
+    """Python delivers a signal's exception wherever the main thread is; inside a ``__del__`` it is printed as
+    "Exception ignored" and lost, and the command would run on and replace the report. The received signal is kept:
+    the report is not published and the exit status is still 130."""
+    import gc
+
+    from parity._atomic import staged
+    from parity._shell import interruptible
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "parity-report.md").write_text("earlier\n")
+
+    class InterruptedWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside __del__
+            sum(range(10))
+
+    def command():
+        InterruptedWhileCollected()
+        gc.collect()
+        with staged(out, ["parity-report.md"]) as stage:
+            (stage / "parity-report.md").write_text("new\n")
+        return 0
+
+    assert interruptible("parity diff", command) == 130
+    assert (out / "parity-report.md").read_text() == "earlier\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no staging folder left
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "parity diff: interrupted"
+
+
+def test_one_model_at_a_time_removes_its_temporary_weights_when_the_command_ends(tmp_path, monkeypatch):
+    import tempfile
+
+    from parity.cli import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["diff", "--memory", "sequential", "--layer", "decoder.layers.1", "--report-dir",
+                 str(tmp_path / "r"), "--quiet", "--threads", "1"]) == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("parity-weights-")]
