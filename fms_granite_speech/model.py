@@ -364,8 +364,9 @@ class GraniteSpeech(nn.Module):
             real = input_features.shape[0] * tokens
         n = int((input_ids == audio_id).sum())
         if n == 0 and real and past == 0:  # a prompt without <|audio|> (a later step with features: see below)
-            raise ValueError(f"input_features were given but input_ids hold no audio token (id {audio_id}); put "
-                             "<|audio|> in the prompt and expand it with GraniteSpeechProcessor")
+            raise ValueError(f"the prompt has 0 <|audio|> tokens (id {audio_id}) but the audio gives {real} audio "
+                             "embeddings: input_features were given but input_ids hold no audio token; put <|audio|> "
+                             "in the prompt and expand it with GraniteSpeechProcessor")
         if n != real:
             raise ValueError(f"the prompt has {n} <|audio|> tokens (id {audio_id}) but the audio gives {real} audio "
                              "embeddings; expand each <|audio|> to its clip's token count with the processor, and "
