@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from parity._shell import OneLineParser, interruptible
+from parity._shell import OneLineParser, exit_with, interruptible
 
 __all__ = ["main"]
 
@@ -116,5 +116,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_FAIL
 
 
+def run() -> None:
+    """The ``granite-speech`` console command: ``main()``'s status as the process's (``parity._shell.exit_with``)."""
+    exit_with(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

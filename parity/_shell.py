@@ -18,7 +18,7 @@ import threading
 from typing import Callable, Iterator
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "OneLineParser", "Terminated", "error_line", "interruptible",
-           "block_signals", "raise_if_interrupted", "restore_signals", "signals_deferred"]
+           "block_signals", "exit_with", "raise_if_interrupted", "restore_signals", "signals_deferred"]
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT   # 130
 EXIT_TERMINATED = 128 + signal.SIGTERM   # 143
@@ -108,7 +108,6 @@ def _sigterm_raises() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _RECEIVED.clear()  # answered by interruptible: nothing later re-raises it
 
 
 def interruptible(prog: str, command: Callable[[], int], unchanged: str = "") -> int:
@@ -126,6 +125,10 @@ def interruptible(prog: str, command: Callable[[], int], unchanged: str = "") ->
             return status
     except BaseException as err:  # noqa: BLE001 -- anything else is re-raised unchanged
         cause = _interrupt_in(err)
+        if cause is None and _RECEIVED:
+            # an error after a received signal is its doing: an import the interrupt cut short fails later with
+            # "Could not import module ..." from a RecursionError, with the KeyboardInterrupt nowhere in its chain
+            cause = Terminated() if _RECEIVED[-1] == signal.SIGTERM else KeyboardInterrupt()
         if cause is None:
             raise
         if isinstance(cause, Terminated):
@@ -133,6 +136,27 @@ def interruptible(prog: str, command: Callable[[], int], unchanged: str = "") ->
             return EXIT_TERMINATED
         print(f"{prog}: interrupted{unchanged}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        _RECEIVED.clear()  # answered here: nothing later re-raises it
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """The console entry point around ``main``: exit with its status. After an interrupt (130 / 143) the process ends
+    at once (``os._exit``, output flushed first): its command has already removed its temporary files and left the
+    earlier reports as they were, and a normal interpreter exit can turn the answered Ctrl-C into death by SIGINT
+    (CPython marks a KeyboardInterrupt raised inside C-level ``PyRun_String`` code, as torch's import runs, as
+    unhandled even when Python code caught it: exit status -2 instead of 130)."""
+    import os
+
+    status = main()
+    if status in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+    sys.exit(status)
 
 
 def _interrupt_in(err: BaseException):

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from parity._atomic import write_atomic
-from parity._shell import OneLineParser, interruptible
+from parity._shell import OneLineParser, exit_with, interruptible
 
 __all__ = ["main"]
 
@@ -859,5 +859,10 @@ def _cmd_report(args, argv) -> int:
     return EXIT_PASS
 
 
+def run() -> None:
+    """The ``parity`` console command: ``main()``'s status as the process's (``parity._shell.exit_with``)."""
+    exit_with(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -111,3 +111,29 @@ def test_one_model_at_a_time_removes_its_temporary_weights_when_the_command_ends
     assert main(["diff", "--memory", "sequential", "--layer", "decoder.layers.1", "--report-dir",
                  str(tmp_path / "r"), "--quiet", "--threads", "1"]) == 0
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("parity-weights-")]
+
+
+def test_an_error_after_a_received_signal_is_the_interrupt(capsys):
+    """An import that a Ctrl-C cut short fails later as "Could not import module ..." from a RecursionError, with the
+    KeyboardInterrupt nowhere in its chain: after a received signal, the command's error is the interrupt's."""
+    from parity._shell import interruptible
+
+    def command():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(10))
+        except KeyboardInterrupt:
+            pass  # lost inside a library
+        raise ModuleNotFoundError("Could not import module 'PreTrainedModel'") from RecursionError("depth")
+
+    assert interruptible("parity diff", command) == 130
+    assert capsys.readouterr().err.strip() == "parity diff: interrupted"
+    with pytest.raises(ModuleNotFoundError):  # the record does not outlive the command it answered
+        interruptible("parity diff", lambda: (_ for _ in ()).throw(ModuleNotFoundError("no such module")))
+
+
+@pytest.mark.parametrize("status", [0, 1, 130, 143])
+def test_the_console_entry_point_exits_with_the_commands_status(status):
+    run = subprocess.run([sys.executable, "-c", f"from parity._shell import exit_with; print('x'); "
+                          f"exit_with(lambda: {status})"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == status and run.stdout == "x\n"  # output flushed before an immediate exit
