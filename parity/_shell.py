@@ -17,11 +17,18 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "OneLineParser", "Terminated", "error_line", "interruptible",
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "OneLineParser", "Terminated", "error_line", "first_line",
+           "interruptible",
            "block_signals", "exit_with", "raise_if_interrupted", "restore_signals", "signals_deferred"]
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT   # 130
 EXIT_TERMINATED = 128 + signal.SIGTERM   # 143
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): a one-line usage error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def error_line(err: BaseException) -> str:
@@ -59,16 +66,21 @@ class Terminated(BaseException):
 _RECEIVED: list[int] = []
 
 
+def _interrupt(signum: int) -> BaseException:
+    """The exception a signal stands for: ``Terminated`` for SIGTERM, ``KeyboardInterrupt`` for SIGINT."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def _raise_interrupt(signum, frame):
     _RECEIVED.append(signum)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    raise _interrupt(signum)
 
 
 def raise_if_interrupted() -> None:
     """Raise the interrupt a signal already delivered (even one an ``__del__`` swallowed): called before anything
     is published, so an interrupted command never replaces an earlier report."""
     if _RECEIVED:
-        raise Terminated() if _RECEIVED[-1] == signal.SIGTERM else KeyboardInterrupt()
+        raise _interrupt(_RECEIVED[-1])
 
 
 def block_signals():
@@ -128,7 +140,7 @@ def interruptible(prog: str, command: Callable[[], int], unchanged: str = "") ->
         if cause is None and _RECEIVED:
             # an error after a received signal is its doing: an import the interrupt cut short fails later with
             # "Could not import module ..." from a RecursionError, with the KeyboardInterrupt nowhere in its chain
-            cause = Terminated() if _RECEIVED[-1] == signal.SIGTERM else KeyboardInterrupt()
+            cause = _interrupt(_RECEIVED[-1])
         if cause is None:
             raise
         if isinstance(cause, Terminated):

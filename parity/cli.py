@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 
 from parity._atomic import write_atomic
 from parity._shell import OneLineParser, exit_with, interruptible
+from parity._shell import first_line as _first_line
 
 __all__ = ["main"]
 
@@ -64,10 +65,6 @@ def _problems(found: list[str]) -> None:
     if found:
         raise _UsageError("; ".join(found))
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # -- the parser (torch-free) --------------------------------------------------------------------------------------

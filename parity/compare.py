@@ -41,19 +41,19 @@ import inspect
 import json
 import math
 import platform
-import re
 import resource
 import time
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from parity._shell import first_line as _first_line
 from parity._tree import map_tensors
 from parity.capture import Capture
 from parity.metrics import (DEFAULT_CHUNK_ELEMENTS, REDUCED_PRECISION, TensorDiff, Tolerance, compare_tensors,
                             default_tolerance, recheck_diff, rounding_tolerance)
 from parity.pathmap import (EXCLUDED, FLOAT64_UNITS, INPUT, OUTPUT, PIPELINE, REGIONS, ROUNDING, SECTIONS, TRANSFORMS, LayerPair,
-                            expand, resolve, section_of)
+                            expand, resolve, section_of, template_of)
 from parity.result import LayerResult, ParityResult
 from parity.runner import REPLAYS, bind, float64, float64_units, iter_calls, replay_fms, replay_hf64, run_section
 
@@ -513,11 +513,11 @@ def _float64_bounds(pair, hf, hf_in, run, model_rows, replayed, upto, reference,
     # the replays grouped by the repeated block (a FLOAT64_UNITS region) holding their module: each block is
     # converted to float64 once for all the replays inside it (the block and its sub-modules), not once per replay;
     # still one block at a time (the peak stays one block in float64)
-    blocks = [re.compile("^" + re.escape(r).replace(r"\{\}", r"\d+") + "(?=$|\\.)") for r in FLOAT64_UNITS]
     grouped: dict[Optional[str], list] = {}
     for item in iter_calls(calls, [p.name for p in replayed]):
-        path = rows[item[0]].hf
-        block = next((m.group(0) for b in blocks for m in [b.match(path)] if m), None)
+        parts = rows[item[0]].hf.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        block = next((q for q in prefixes if template_of(q) in FLOAT64_UNITS), None)
         grouped.setdefault(block, []).append(item)
     for block, items in grouped.items():
         with float64(hf.get_submodule(block)) if block is not None else contextlib.nullcontext():
@@ -641,10 +641,6 @@ def _run_model(side: str, model, inputs, upto: str, dtype: torch.dtype) -> None:
     except (ValueError, RuntimeError, IndexError, TypeError, KeyError) as err:
         raise _ModelRaised(f"{type(err).__name__}: {_first_line(err)}") from err
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _say(progress: Progress, message: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional, Sequence
 
+from parity._shell import first_line as _first_line
 from parity.result import ParityResult
 
 __all__ = ["DiffOptions", "diff_runs"]
@@ -41,10 +42,6 @@ class DiffOptions:
     save_max_mib: float = 512.0
     repro: Optional[str] = None
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def diff_runs(pair, cases: Optional[Sequence[str]], options: DiffOptions,

@@ -338,8 +338,9 @@ def build_inputs(pair, audio: AudioArg = None, prompt: Union[None, str, Sequence
     try:
         hf = ParityInputs(**_hf_pipeline(hf_extractor, tokenizer, texts, waves or None), **common)
     except (ValueError, RuntimeError, IndexError, TypeError, StopIteration) as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"transformers' GraniteSpeechProcessor cannot take these inputs ({text}); the project's "
+        from parity._shell import first_line
+
+        raise ValueError(f"transformers' GraniteSpeechProcessor cannot take these inputs ({first_line(err)}); the project's "
                          "pipeline took them: check the clips and the <|audio|> placeholders") from None
     limit = pair.config.decoder.max_expected_seq_len
     if hf.input_ids.shape[1] > limit:

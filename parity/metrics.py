@@ -493,16 +493,11 @@ def _max_ulp_on_cpu(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(np.abs(keys[0].astype(np.float64) - keys[1]).max())
 
 
+@np.errstate(all="ignore")  # inf - inf, overflowing squares: accounted for as the torch path does, silently
 def _chunk_on_cpu(t: torch.Tensor, r: torch.Tensor, tol: Tolerance, close: Tolerance, same_bounds: bool,
                   start: int, acc: _Sums) -> bool:
     """One all-finite CPU chunk's reductions added to ``acc`` (NumPy); False, with ``acc`` untouched, when the chunk
     holds a NaN or inf (the torch path then does the exact non-finite accounting)."""
-    with np.errstate(all="ignore"):  # inf - inf, overflowing squares: accounted for as the torch path does, silently
-        return _reduce_on_cpu(t, r, tol, close, same_bounds, start, acc)
-
-
-def _reduce_on_cpu(t: torch.Tensor, r: torch.Tensor, tol: Tolerance, close: Tolerance, same_bounds: bool,
-                   start: int, acc: _Sums) -> bool:
     t64, r64 = _float64_on_cpu(t), _float64_on_cpu(r)
     diff = np.abs(t64 - r64)
     chunk_abs = float(diff.sum())

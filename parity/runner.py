@@ -26,7 +26,7 @@ from torch import nn
 
 from parity._tree import map_tensors
 from parity.capture import first_tensor
-from parity.pathmap import SECTION_MODULES
+from parity.pathmap import SECTION_MODULES, template_of
 
 __all__ = ["REPLAYS", "Replay", "bind", "float64", "float64_units", "iter_calls", "replay_fms", "replay_hf64",
            "run_section", "to_float64", "units"]
@@ -122,14 +122,12 @@ def units(model: nn.Module, regions: Sequence[str]) -> list[tuple[nn.Module, boo
 
     Returns ``(module, recurse)`` pairs.
     """
-    import re
-
-    patterns = [re.compile("^" + re.escape(r).replace(r"\{\}", r"\d+") + "$") for r in regions]
+    blocks = set(regions)
     out, inside = [], []
     for name, module in model.named_modules():
         if any(name == p or name.startswith(p + ".") for p in inside):
             continue
-        if any(p.match(name) for p in patterns):
+        if template_of(name) in blocks:
             out.append((module, True))
             inside.append(name)
         elif any(True for _ in _tensors(module, recurse=False)):
