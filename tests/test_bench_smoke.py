@@ -121,3 +121,41 @@ def test_bad_clip_argument_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--clips", "3,-1"])
     assert "positive lengths" in capsys.readouterr().err
+
+
+def _load_script(name: str):
+    path = BENCH.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"granite_speech_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_step_times_every_engine_with_the_adapter_on(capsys):
+    """``decode_step.py`` on tiny: the growing-cache steps of HF and FMS and FMS's static-cache step (eager), the
+    adapter on as for a speech prompt; every engine gets a finite median."""
+    script = _load_script("decode_step")
+    assert script.main(["--variant", "tiny", "--dtype", "float32", "--steps", "2", "--warmup", "1", "--threads", "1",
+                        "--adapter", "on", "--static", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter on" in out
+    for engine in ("hf", "fms", "fms (no mask)", "fms static"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(engine + "  "))
+        _positive(float(line.split()[-3]), engine)
+
+
+def test_decode_step_refuses_the_adapter_on_a_variant_without_one(capsys):
+    script = _load_script("decode_step")
+    with pytest.raises(SystemExit):
+        script.main(["--variant", "tiny-4.1", "--steps", "1", "--adapter", "on"])
+    assert "tiny-4.1 has no LoRA adapter" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # fresh processes that import torch and transformers, a few seconds each
+def test_repro_cost_runs_a_repro_folder_and_the_import_floor(capsys):
+    script = _load_script("repro_cost")
+    assert script.main(["--repeats", "1", "--rows", "decoder.layers.1.mlp"]) == 0
+    out = capsys.readouterr().out
+    row = next(ln for ln in out.splitlines() if ln.startswith("repro.py: decoder.layers.1.mlp"))
+    assert row.split()[-1] == "0"  # the honest tree's repro passes
+    assert "import torch" in out
