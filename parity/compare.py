@@ -404,8 +404,10 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
     """Phase 6: ``parity.explain.explain_row`` for the first model row that fails and every row named in
     ``explain`` (exact names, or a prefix: ``encoder.blocks.3`` explains that block and its sub-rows), stored on the
     rows (``LayerResult.explanation``). Attributes need the HF module, so one model at a time explains ops only."""
-    from parity.explain import explain_row
+    from fms_granite_speech.registration import ARCHITECTURE
+    from parity.explain import covering_module, explain_row, weight_diffs
     from parity.metrics import REDUCED_PRECISION
+    from parity.pathmap import covers_of
 
     # the row that introduces the first error (its own computation fails on HF's exact input), else the first that
     # fails at all: a row that only inherits an error has nothing of its own to explain
@@ -430,7 +432,19 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
                 return hf_module(*bound.args, **bound.kwargs)
 
             run, hf_run = replay, (hf_replay if hf_module is not None else None)
-        exp = explain_row(p.name, hf_module, fms_module, run, reduced=pair.dtype in REDUCED_PRECISION, hf_run=hf_run)
+        # the attributes of every HF module the row covers (the Q-Former feed-forward: intermediate_query too)
+        covers = covers_of(p.name)
+        hf_modules = hf_module if hf_module is None or not covers else covering_module(pair.hf, [p.hf, *covers])
+        weights, weights_note = None, None
+        if hf_module is not None and pair.distributed is None and p.hf:
+            try:  # the row's FMS tensors against what FMS's own adapter makes of HF's tensors under the row
+                weights = weight_diffs(pair.hf, fms, [p.hf, *covers], p.fms, ARCHITECTURE)
+            except Exception as err:  # noqa: BLE001 - FMS's loader on a partial state dict: a note, not a crash
+                weights_note = f"weights not compared: {_first_line(err)}"
+        exp = explain_row(p.name, hf_modules, fms_module, run, reduced=pair.dtype in REDUCED_PRECISION, hf_run=hf_run,
+                          weights=weights)
+        if weights_note and not exp.note:
+            exp.note = weights_note
         if hf_module is None:
             exp.note = "attributes not compared: HF was freed (one model at a time); --memory together compares them"
         r.explanation = exp.to_dict()

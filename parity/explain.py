@@ -4,10 +4,14 @@
 on (``explain_row``):
 
 1. **Attributes.** Sub-modules of the HF and FMS row are paired by their weights (the same values, after the
-   checkpoint adapter: a tensor equal element for element, reshaped or not, pairs the modules that hold it); every
-   pair is compared on its configuration: the plain attributes both carry (``eps`` and its aliases
-   ``variance_epsilon``, ``epsilon``; ``padding``, ``stride``, ``dilation``, ``groups``, ``momentum``, ``affine``,
-   ``track_running_stats``...), whether a bias is present, and the activation's class. Attributes of the wrappers
+   checkpoint adapter: a tensor equal element for element, reshaped or not, pairs the modules that hold it; torch.nn
+   leaves of one class left over on both sides, as many on each, are paired in order); every pair is compared on
+   its configuration: the plain attributes both carry (``eps`` and its aliases ``variance_epsilon``, ``epsilon``;
+   ``padding``, ``stride``, ``dilation``, ``groups``, ``momentum``, ``affine``, ``elementwise_affine``,
+   ``track_running_stats``...), whether a weight and a bias are present, training mode where it changes the result
+   (a BatchNorm on batch statistics, a dropout with p > 0), and the function each activation computes (its class;
+   ``nn.GELU``'s tanh approximation told from the erf form). A row whose computation HF spreads over several modules
+   (``pathmap`` ``covers``) is compared against all of them (``covering_module``). Attributes of the wrappers
    around them (modules that are not ``torch.nn`` leaves, e.g. HF's ``depth_conv`` with its ``padding`` and FMS's
    conv module with its own) are compared by name where the name occurs once on each side. Each difference is one
    line: ``encoder.blocks.0.conv: padding (7, 7) on HF (conv.depth_conv), (8, 6) on FMS (conv)``.
@@ -33,14 +37,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from parity._tree import map_tensors
 
-__all__ = ["AttributeDiff", "Explanation", "OpError", "attribute_diffs", "explain_row", "kernel_differences",
-           "op_errors", "record"]
+__all__ = ["AttributeDiff", "Explanation", "OpError", "attribute_diffs", "covering_module", "expected_weights",
+           "explain_row", "kernel_differences", "op_errors", "record", "weight_diff", "weight_diffs"]
 
 # attribute names that mean the same thing on either side -> one name
 ALIASES = {"variance_epsilon": "eps", "epsilon": "eps", "layer_norm_eps": "eps", "norm_eps": "eps",
            "scaling": "scale", "scale_factor": "scale"}
 _SIMPLE = (bool, int, float, str)
-_IGNORED = {"training", "inplace", "dump_patches", "call_super_init"}
+_IGNORED = {"training", "inplace", "dump_patches", "call_super_init"}  # training: compared on its own
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Explanation:
     kernels: list = field(default_factory=list)
     text: str = ""
     note: Optional[str] = None
+    weights: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         from parity._json import json_safe
@@ -93,7 +98,7 @@ class Explanation:
         return cls(layer=data["layer"], attributes=[AttributeDiff(**a) for a in data.get("attributes", [])],
                    ops=[OpError(**{**o, "rel_l2": float(o["rel_l2"]), "share": float(o["share"])})
                         for o in data.get("ops", [])], kernels=list(data.get("kernels", [])),
-                   text=data.get("text", ""), note=data.get("note"))
+                   text=data.get("text", ""), note=data.get("note"), weights=list(data.get("weights", [])))
 
 
 # -- attributes -------------------------------------------------------------------------------------------------------
@@ -106,8 +111,9 @@ def _config(module: nn.Module) -> dict:
             continue
         if isinstance(value, _SIMPLE) or (isinstance(value, tuple) and all(isinstance(v, _SIMPLE) for v in value)):
             out[ALIASES.get(key, key)] = value
-    if "bias" in module._parameters:
-        out["bias present"] = module._parameters["bias"] is not None
+    for name in ("weight", "bias"):
+        if name in module._parameters:
+            out[f"{name} present"] = module._parameters[name] is not None
     return out
 
 
@@ -125,8 +131,11 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _pairs_by_weight(hf: nn.Module, fms: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """Leaf modules of the two rows paired by equal weights; then the torch.nn leaves of one class left unpaired on
+    both sides, in module order, when each side has as many of them (a norm whose weight FMS dropped, a Linear
+    whose rows a conversion moved: their configuration is still compared)."""
     candidates = [(p, m, _direct_weight(m)) for p, m in fms.named_modules() if _direct_weight(m) is not None]
-    used, out = set(), []
+    used, hf_used, out = set(), set(), []
     for path, module in hf.named_modules():
         w = _direct_weight(module)
         if w is None:
@@ -134,8 +143,23 @@ def _pairs_by_weight(hf: nn.Module, fms: nn.Module) -> list[tuple[str, nn.Module
         for fpath, fmodule, fw in candidates:
             if fpath not in used and _same_values(w, fw):
                 used.add(fpath)
+                hf_used.add(path)
                 out.append((path, module, fpath, fmodule))
                 break
+
+    def left(root: nn.Module, taken: set) -> dict:
+        by_class: dict = {}
+        for path, module in root.named_modules():
+            if path not in taken and _is_leaf(module) and not _is_activation(module) and (
+                    module._parameters or module._buffers):
+                by_class.setdefault(type(module), []).append((path, module))
+        return by_class
+
+    hf_left, fms_left = left(hf, hf_used), left(fms, used)
+    for cls, hf_mods in hf_left.items():
+        fms_mods = fms_left.get(cls, [])
+        if len(fms_mods) == len(hf_mods):
+            out.extend((hp, hm, fp, fm) for (hp, hm), (fp, fm) in zip(hf_mods, fms_mods))
     return out
 
 
@@ -143,14 +167,27 @@ def attribute_diffs(hf: nn.Module, fms: nn.Module) -> list[AttributeDiff]:
     """Configuration differences between the HF and FMS modules of one row (see the module docstring), in HF's
     module order; empty when every paired module is configured alike."""
     diffs: list[AttributeDiff] = []
-    for hpath, hmod, fpath, fmod in _pairs_by_weight(hf, fms):
+    pairs = _pairs_by_weight(hf, fms)
+    for hpath, hmod, fpath, fmod in pairs:
         a, b = _config(hmod), _config(fmod)
         if type(hmod) is type(fmod) or isinstance(fmod, type(hmod)) or isinstance(hmod, type(fmod)):
-            for key in sorted(set(a) & set(b)):
-                if a[key] != b[key] and not _close(a[key], b[key]):
-                    diffs.append(AttributeDiff(key, a[key], b[key], hpath, fpath))
+            keys = [k for k in sorted(set(a) & set(b)) if a[k] != b[k] and not _close(a[k], b[k])]
+            if {"elementwise_affine", "affine"} & set(keys):  # the weight and bias follow from it: one line
+                keys = [k for k in keys if k not in ("weight present", "bias present")]
+            diffs.extend(AttributeDiff(k, a[k], b[k], hpath, fpath) for k in keys)
         elif "bias present" in a and "bias present" in b and a["bias present"] != b["bias present"]:
             diffs.append(AttributeDiff("bias present", a["bias present"], b["bias present"], hpath, fpath))
+    # eval against training mode (BatchNorm on batch statistics, dropout active): paired modules first, then any
+    # module of one side in training mode while the other side's row has none
+    for hpath, hmod, fpath, fmod in pairs:
+        if hmod.training != fmod.training and _mode_matters(hmod):
+            diffs.append(AttributeDiff("training", hmod.training, fmod.training, hpath, fpath))
+    if not any(d.attribute == "training" for d in diffs):
+        hf_train = [p for p, m in hf.named_modules() if m.training and _mode_matters(m)]
+        fms_train = [p for p, m in fms.named_modules() if m.training and _mode_matters(m)]
+        if bool(hf_train) != bool(fms_train):
+            hpath, fpath = (hf_train or [""])[-1], (fms_train or [""])[-1]
+            diffs.append(AttributeDiff("training", bool(hf_train), bool(fms_train), hpath, fpath))
     seen = {(d.hf_path, d.fms_path, d.attribute) for d in diffs}
 
     def wrappers(root: nn.Module) -> dict:
@@ -181,13 +218,23 @@ def attribute_diffs(hf: nn.Module, fms: nn.Module) -> list[AttributeDiff]:
             if hv != fv and not _close(hv, fv) and (hpath, fpath, key) not in seen:
                 diffs.append(AttributeDiff(key, hv, fv, hpath, fpath))
     # activations: the same position among the activation modules of each side, different classes
-    acts = [(p, type(m).__name__) for p, m in hf.named_modules() if _is_activation(m)]
-    facts = [(p, type(m).__name__) for p, m in fms.named_modules() if _is_activation(m)]
+    acts = [(p, m) for p, m in hf.named_modules() if _is_activation(m)]
+    facts = [(p, m) for p, m in fms.named_modules() if _is_activation(m)]
     if len(acts) == len(facts):
-        for (hp, hc), (fp, fc) in zip(acts, facts):
-            if _canonical_act(hc) != _canonical_act(fc):
-                diffs.append(AttributeDiff("activation", hc, fc, hp, fp))
+        for (hp, hm), (fp, fm) in zip(acts, facts):
+            if _act_function(hm) != _act_function(fm):
+                diffs.append(AttributeDiff("activation", _act_name(hm), _act_name(fm), hp, fp))
     return diffs
+
+
+def _mode_matters(module: nn.Module) -> bool:
+    """Whether training mode changes what a torch.nn module computes: batch statistics in a norm that tracks running
+    ones, a dropout with p > 0."""
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return bool(module.track_running_stats)
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    return False
 
 
 def _close(a: Any, b: Any) -> bool:
@@ -199,9 +246,193 @@ def _is_activation(module: nn.Module) -> bool:
         ("Activation", "GELUActivation", "SiLUActivation"))
 
 
-def _canonical_act(name: str) -> str:
-    name = name.lower().replace("activation", "")
-    return {"swish": "silu"}.get(name, name)
+# activation classes (torch.nn's and transformers.activations') -> the function they compute; the GELU forms per
+# transformers/activations.py: GELUActivation is erf GELU, NewGELU / GELUTanh / PytorchGELUTanh / FastGELU /
+# AccurateGELU compute the tanh approximation (Hendrycks & Gimpel 2016, eq. 2), QuickGELU x * sigmoid(1.702 x)
+_ACT_FUNCTIONS = {"gelu": "gelu", "new": "gelu_tanh", "gelutanh": "gelu_tanh", "pytorchgelutanh": "gelu_tanh",
+                  "fastgelu": "gelu_tanh", "accurategelu": "gelu_tanh", "quickgelu": "quick_gelu", "swish": "silu",
+                  "silu": "silu"}
+
+
+def _act_function(module: nn.Module) -> str:
+    """The function an activation module computes (its class, and for ``nn.GELU`` its ``approximate``)."""
+    name = type(module).__name__.lower().replace("activation", "")
+    if isinstance(module, nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is not None:
+        return "gelu"
+    return _ACT_FUNCTIONS.get(name, name)
+
+
+def _act_name(module: nn.Module) -> str:
+    """How an activation is shown: its class, with ``approximate`` for a tanh ``nn.GELU``."""
+    if isinstance(module, nn.GELU) and module.approximate != "none":
+        return f"GELU(approximate={module.approximate!r})"
+    return type(module).__name__
+
+
+def covering_module(model: nn.Module, paths: list[str]) -> nn.Module:
+    """One module holding the modules at ``paths`` of ``model`` (a row whose computation HF spreads over several
+    modules, e.g. the Q-Former feed-forward over ``intermediate_query`` and ``output_query``), each registered under
+    its path relative to their common prefix (dots as ``_``), so their attributes are compared as one row's. A single
+    path (or one that contains all the others) is that module itself."""
+    paths = [p for p in dict.fromkeys(paths) if not any(p != q and p.startswith(q + ".") for q in paths)]
+    if len(paths) == 1:
+        return model.get_submodule(paths[0])
+    parts = [p.split(".") for p in paths]
+    common = 0
+    while all(len(x) > common + 1 and x[common] == parts[0][common] for x in parts):
+        common += 1
+    holder = nn.Module()
+    for path, split in zip(paths, parts):
+        holder.add_module("_".join(split[common:]), model.get_submodule(path))
+    return holder.eval()
+
+
+# -- weights ------------------------------------------------------------------------------------------------------------
+
+
+def expected_weights(hf: nn.Module, fms: nn.Module, hf_paths: list[str], architecture: str,
+                     source: str = "hf") -> dict[str, torch.Tensor]:
+    """What FMS's own checkpoint adapter makes of the HF tensors under ``hf_paths``: a shadow of ``fms`` built on the
+    meta device from its config, given only those tensors through ``fms.utils.serialization.
+    load_state_dict_into_model`` (the loader every checkpoint goes through), then, where ``fms`` has its LoRA
+    adapter merged (``adapter_enabled``), the adapter merged into the shadow's rows exactly as ``set_adapter`` merges
+    it (``base`` in float32 plus ``(alpha / r) B @ A``, cast to the weight's dtype). Returns FMS parameter and buffer
+    names -> tensors (only those the HF tensors filled), in ``fms``'s dtypes."""
+    from fms.utils.serialization import load_state_dict_into_model
+
+    state = hf.state_dict()
+    keys = [k for k in state if any(k == p or k.startswith(p + ".") for p in hf_paths if p)]
+    if not keys:
+        return {}
+    with torch.device("meta"):
+        shadow = type(fms)(fms.config)
+    load_state_dict_into_model(shadow, {k: state[k] for k in keys}, architecture, source)
+    live = dict(fms.named_parameters())
+    live.update(fms.named_buffers())
+    out = {n: t.detach() for n, t in list(shadow.named_parameters()) + list(shadow.named_buffers())
+           if not t.is_meta and n in live}
+    out = {n: t.to(dtype=live[n].dtype, device=live[n].device) for n, t in out.items()}
+    if getattr(fms, "adapter_enabled", False) and callable(getattr(shadow, "lora_sites", None)):
+        scale = fms.config.lora.scaling
+        names = {id(t): n for n, t in shadow.named_parameters()}
+        for site in shadow.lora_sites():
+            name = names.get(id(site.weight))
+            if name not in out or site.pair.A.is_meta or site.pair.B.is_meta:
+                continue
+            merged = out[name].clone()
+            merged[site.rows] = (merged[site.rows].to(torch.float32) + site.delta(scale)).to(merged.dtype)
+            out[name] = merged
+    return out
+
+
+def _runs(rows: list[int], homes: list[int]) -> list[tuple[int, int, int]]:
+    """``(first row, its home, length)`` of each run where consecutive rows hold consecutive homes."""
+    runs: list[list[int]] = []
+    for r, h in zip(rows, homes):
+        if runs and r == runs[-1][0] + runs[-1][2] and h == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([r, h, 1])
+    return [tuple(x) for x in runs]
+
+
+def _span(first: int, n: int, unit: str = "") -> str:
+    """``row 3`` / ``rows 3-9`` (no unit: ``3`` / ``3-9``)."""
+    if not unit:
+        return str(first) if n == 1 else f"{first}-{first + n - 1}"
+    return f"{unit[:-1]} {first}" if n == 1 else f"{unit} {first}-{first + n - 1}"
+
+
+def weight_diff(name: str, got: torch.Tensor, want: torch.Tensor,
+                others: Optional[dict[str, torch.Tensor]] = None) -> Optional[str]:
+    """How ``got`` (an FMS tensor) departs from ``want`` (what FMS's adapter makes of HF's tensors), or None when
+    they are equal: a shape; rows that hold other rows of ``want``, or rows of another tensor of the row in
+    ``others`` (name -> what the adapter makes of it): a permutation, the parts of a fused weight in another order,
+    two weights swapped; one factor on every row; else how many rows (elements of a 1-D tensor) differ and by how
+    much."""
+    if tuple(got.shape) != tuple(want.shape):
+        return f"{name}: shape {tuple(got.shape)}, FMS's adapter makes {tuple(want.shape)} of HF's tensors"
+    if torch.equal(got, want):
+        return None
+    if not got.is_floating_point():
+        n = int((got != want).sum())
+        return f"{name}: {n} of {got.numel()} elements differ from what FMS's adapter makes of HF's tensors"
+    g = got.detach().to(torch.float64).reshape(got.shape[0], -1) if got.dim() else got.reshape(1, 1).double()
+    w = want.detach().to(torch.float64).reshape(g.shape)
+    unit = "rows" if got.dim() >= 2 else "elements"
+    if got.dim() < 2:
+        g, w = g.reshape(-1, 1), w.reshape(-1, 1)
+    rel = float((g - w).norm() / w.norm()) if float(w.norm()) else float((g - w).norm())
+    differ = torch.nonzero((g != w).any(dim=1)).flatten().tolist()
+    if g.shape[1] > 1:  # rows of a matrix: where does each differing row come from?
+        # candidate homes: this tensor's expected rows first, then those of the row's other tensors of this width
+        pools = [(None, w)] + [(n, t.detach().to(torch.float64).reshape(t.shape[0], -1))
+                               for n, t in (others or {}).items()
+                               if n != name and t.is_floating_point() and t.dim() >= 2 and t[0].numel() == g.shape[1]]
+        homes: list = [None] * len(differ)
+        for pool_name, pool in pools:
+            norms = pool.norm(dim=1)
+            for start in range(0, len(differ), 1024):
+                todo = [k for k in range(start, min(start + 1024, len(differ))) if homes[k] is None]
+                if not todo:
+                    continue
+                idx = torch.tensor([differ[k] for k in todo])
+                near, home = torch.cdist(g[idx], pool).min(dim=1)  # nearest expected row, Euclidean
+                exact = near <= 1e-6 * norms[home].clamp(min=1e-30)
+                for k, i, h, e in zip(todo, idx.tolist(), home.tolist(), exact.tolist()):
+                    if e and (pool_name is not None or h != i):
+                        homes[k] = (pool_name, h)
+        if differ and all(h is not None for h in homes):
+            groups: dict = {}
+            for r, (pool_name, h) in zip(differ, homes):
+                groups.setdefault(pool_name, ([], []))
+                groups[pool_name][0].append(r)
+                groups[pool_name][1].append(h)
+            said = []
+            for pool_name, (rows, hs) in groups.items():
+                where = "" if pool_name is None else f"in {pool_name} "
+                said += [f"{_span(a, n, unit)} {'holds' if n == 1 else 'hold'} what FMS's adapter puts {where}at "
+                         f"{_span(b, n, unit)}" for a, b, n in _runs(rows, hs)]
+            more = f"; ... ({len(said)} runs)" if len(said) > 3 else ""
+            why = ("two tensors swapped, or rows taken from the wrong one" if set(groups) - {None} else
+                   "rows permuted, or the parts of a fused weight in another order")
+            return f"{name}: {'; '.join(said[:3])}{more} ({why})"
+    ratio = g.norm(dim=1) / w.norm(dim=1).clamp(min=1e-300)
+    cos = (g * w).sum(dim=1) / (g.norm(dim=1) * w.norm(dim=1)).clamp(min=1e-300)
+    sel = torch.tensor(differ)
+    if g.shape[1] > 1 and bool((cos[sel] > 1 - 1e-9).all()):
+        lo, hi = float(ratio[sel].min()), float(ratio[sel].max())
+        if hi - lo <= 1e-6 * max(abs(hi), 1e-30):
+            spans = ", ".join(_span(a, n) for a, _, n in _runs(differ, differ)[:4])
+            whole = "every row" if len(differ) == g.shape[0] else f"{unit} {spans}"
+            return f"{name}: {whole} {lo:.6g} x what FMS's adapter makes of HF's tensors"
+    if g.shape[1] == 1 and len(differ) == g.shape[0]:
+        q = (g / w.where(w != 0, torch.ones_like(w))).flatten()
+        if bool((w != 0).all()) and float(q.max() - q.min()) <= 1e-6 * abs(float(q.mean())):
+            return f"{name}: every element {float(q.mean()):.6g} x what FMS's adapter makes of HF's tensors"
+    return (f"{name}: {len(differ)} of {g.shape[0]} {unit} differ from what FMS's adapter makes of HF's tensors "
+            f"(rel-L2 {rel:.3e}; first at {unit[:-1]} {differ[0]})")
+
+
+def weight_diffs(hf: nn.Module, fms: nn.Module, hf_paths: list[str], fms_path: str, architecture: str,
+                 source: str = "hf") -> list[str]:
+    """One line per FMS tensor of the row (``fms_path``, and the LoRA tensors the row's HF tensors fill) that is not
+    what FMS's adapter makes of the HF tensors under ``hf_paths`` (``expected_weights``, ``weight_diff``): the
+    conversion bugs no configuration attribute shows (RoPE rows permuted twice, the halves of a fused gate/up
+    swapped, a scale folded in twice)."""
+    lines = []
+    expected = expected_weights(hf, fms, hf_paths, architecture, source)
+    params = dict(fms.named_parameters())
+    for name, want in expected.items():
+        if fms_path and not (name.startswith(fms_path + ".") or name.startswith("lora.")):
+            continue
+        got = params[name] if name in params else fms.get_buffer(name)
+        line = weight_diff(name, got.detach(), want, expected)
+        if line is not None:
+            lines.append(line)
+    return lines
 
 
 # -- ops ----------------------------------------------------------------------------------------------------------------
@@ -329,8 +560,9 @@ def kernel_differences(hf_run, fms_run) -> list[str]:
 
 
 def explain_row(layer: str, hf_module: Optional[nn.Module], fms_module: nn.Module, run=None,
-                reduced: bool = False, hf_run=None) -> Explanation:
-    """The explanation of one row: attribute differences between its HF and FMS modules; the kernels or precisions
+                reduced: bool = False, hf_run=None, weights: Optional[list[str]] = None) -> Explanation:
+    """The explanation of one row: attribute differences between its HF and FMS modules; ``weights``, the lines of
+    ``weight_diffs`` (the row's FMS tensors against what FMS's adapter makes of HF's); the kernels or precisions
     the FMS module uses that HF's does not (``hf_run``: HF's module on its recorded call, ``run``: the FMS module
     replayed on it); and the FMS ops ranked by the error they introduce against float64. ``reduced``: the run is in
     bf16/fp16, where kernels and precision explain most divergences (in float32 the attributes lead)."""
@@ -347,10 +579,11 @@ def explain_row(layer: str, hf_module: Optional[nn.Module], fms_module: nn.Modul
         except (RuntimeError, TypeError, ValueError) as err:
             exp.note = f"op attribution failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     exp.kernels = kernels
-    parts = [d.line(layer) for d in exp.attributes[:3]] + kernels[:2]
+    exp.weights = list(weights or [])
+    parts = [d.line(layer) for d in exp.attributes[:3]] + exp.weights[:2] + kernels[:2]
     if not parts:
-        parts.append("no attribute or kernel differs between the HF and FMS modules")
-    if exp.ops and (reduced or not exp.attributes):
+        parts.append("no attribute, weight or kernel differs between the HF and FMS modules")
+    if exp.ops and (reduced or not (exp.attributes or exp.weights)):
         o = exp.ops[0]
         parts.append(f"aten.{o.op} ({o.dtype}, {o.shape}) introduces the most rounding of the module's ops: "
                      f"rel-L2 {o.rel_l2:.2e} against float64, {100 * o.share:.0f}% of the per-op total")

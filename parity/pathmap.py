@@ -341,6 +341,20 @@ def template_of(name: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".{}", name)
 
 
+def covers_of(name: str) -> tuple[str, ...]:
+    """The HF module paths the concrete row ``name`` vouches for by its map entry's ``covers`` (its layer index
+    filled in), e.g. ``projector.layers.0.mlp`` -> the Q-Former's ``intermediate_query`` and ``output_query``; ()
+    for a row without ``covers`` or a name outside this map."""
+    import re
+
+    template = template_of(name)
+    entry = next((e for e in PATH_MAP if e.name == template), None)
+    if entry is None or not entry.covers:
+        return ()
+    index = re.search(r"\.(\d+)(?=\.|$)", name)
+    return tuple(c.replace("{}", index.group(1)) if index else c for c in entry.covers)
+
+
 def section_of(name: str) -> str:
     """The section (one of ``SECTIONS``) a parity layer name belongs to; ``logits`` is in the decoder."""
     head = name.split(".", 1)[0]

@@ -89,7 +89,7 @@ def test_the_honest_tree_has_nothing_to_explain_unless_asked(pair):
     assert result.passed and all(r.explanation is None for r in result.layers)
     asked = run_parity(pair, build_inputs(pair), layers=["encoder.blocks.0"], explain=["encoder.blocks.0.conv"])
     exp = asked.layer("encoder.blocks.0.conv").explanation
-    assert exp["attributes"] == [] and exp["text"].startswith("no attribute or kernel differs")
+    assert exp["attributes"] == [] and exp["text"].startswith("no attribute, weight or kernel differs")
     assert exp["ops"] and exp["ops"][0]["rel_l2"] < 1e-6  # float32 rounding, op by op
 
 
@@ -125,11 +125,84 @@ def test_explain_needs_a_layer_that_exists(capsys):
      "depthwise: dilation (1,) on HF (depth_conv.conv), (2,) on FMS (depthwise)"),
     (lambda m: setattr(m.encoder.blocks[6].ff1.mlp, "a", __import__("torch").nn.GELU()), "encoder.blocks.6.ff1",
      "activation 'SiLU' on HF (silu), 'GELU' on FMS (mlp.a)"),
-], ids=["residual_multiplier", "attention_scale", "conv_dilation", "activation"])
+    # the Q-Former feed-forward spreads over two HF modules (intermediate_query holds the activation): the row's
+    # covered modules are compared, and a GELU is told from its tanh approximation
+    (lambda m: setattr(m.projector.layers[0].mlp.ff_sub_layer, "a",
+                       __import__("torch").nn.GELU(approximate="tanh").eval()), "projector.layers.0.mlp",
+     "activation 'GELUActivation' on HF (intermediate_query.intermediate_act_fn), \"GELU(approximate='tanh')\" on "
+     "FMS (ff_sub_layer.a)"),
+    (lambda m: m.encoder.blocks[0].conv.batch_norm.train(), "encoder.blocks.0.conv",
+     "encoder.blocks.0.conv.batch_norm: training False on HF (batch_norm), True on FMS (batch_norm)"),
+    (lambda m: [setattr(m.encoder.blocks[3].post_norm, k, v)
+                for k, v in (("weight", None), ("bias", None), ("elementwise_affine", False))],
+     "encoder.blocks.3.post_norm",
+     "encoder.blocks.3.post_norm: elementwise_affine True on HF (the row module), False on FMS (the row module)"),
+], ids=["residual_multiplier", "attention_scale", "conv_dilation", "activation", "gelu_tanh_across_covered_modules",
+        "batchnorm_in_training_mode", "layernorm_without_affine"])
 def test_other_planted_settings_are_explained_at_the_row_that_introduces_them(plant, layer, words):
     pair = build_pair("tiny")
     plant(pair.fms)
-    result = run_parity(pair, build_inputs(pair), layers=["encoder"] if layer.startswith("encoder") else ["decoder"])
+    result = run_parity(pair, build_inputs(pair), layers=[layer.split(".")[0]])
     explained = {r.name: r.explanation["text"] for r in result.layers if r.explanation}
     assert layer in explained and result.layer(layer).introduces, (result.first_divergent, explained)
     assert words in explained[layer], explained[layer]
+
+
+def _q_rows(m):  # two q rows of one decoder layer's fused projection swapped (a RoPE permutation applied twice)
+    w = m.decoder.base_model.layers[1].attn.in_proj.qkv_fused.weight
+    w[[0, 1]] = w[[1, 0]].clone()
+
+
+def _gate_up_halves(m):  # the halves of a fused gate/up weight in the wrong order
+    w = m.decoder.base_model.layers[1].ff_sub_layer.wg1_fused.weight
+    half = w.shape[0] // 2
+    w.copy_(__import__("torch").cat([w[half:], w[:half]]))
+
+
+def _kv_swapped(m):  # an encoder block's key and value projections loaded from each other's rows
+    k, v = m.encoder.blocks[1].attn.key.weight, m.encoder.blocks[1].attn.value.weight
+    k_old = k.clone()
+    k.copy_(v)
+    v.copy_(k_old)
+
+
+@pytest.mark.parametrize("plant, layer, words", [
+    (_q_rows, "decoder.layers.1.attn",
+     "decoder.base_model.layers.1.attn.in_proj.qkv_fused.weight: row 0 holds what FMS's adapter puts at row 1; "
+     "row 1 holds what FMS's adapter puts at row 0"),
+    (_gate_up_halves, "decoder.layers.1.mlp",
+     "ff_sub_layer.wg1_fused.weight: rows 0-135 hold what FMS's adapter puts at rows 136-271; rows 136-271 hold "
+     "what FMS's adapter puts at rows 0-135"),
+    (lambda m: m.encoder.blocks[2].attn.dense.weight.mul_(2), "encoder.blocks.2.attn",
+     "encoder.blocks.2.attn.dense.weight: every row 2 x what FMS's adapter makes of HF's tensors"),
+    (_kv_swapped, "encoder.blocks.1.attn",
+     "encoder.blocks.1.attn.key.weight: rows 0-59 hold what FMS's adapter puts in encoder.blocks.1.attn.value.weight "
+     "at rows 0-59 (two tensors swapped"),
+], ids=["q_rows_permuted", "fused_halves_swapped", "weight_scaled", "key_value_swapped"])
+def test_a_weight_conversion_bug_is_named_against_what_the_fms_adapter_makes_of_hf(plant, layer, words):
+    """Bugs in the weights themselves, which no attribute shows: the row's FMS tensors are compared with what FMS's
+    own checkpoint adapter makes of HF's tensors (the LoRA adapter merged as the model merges it)."""
+    import torch
+
+    pair = build_pair("tiny")
+    with torch.no_grad():
+        plant(pair.fms)
+    result = run_parity(pair, build_inputs(pair), layers=[layer.split(".")[0]])
+    first = result.first_failure()
+    assert first is not None and first.name == layer and first.introduces, result.first_divergent
+    assert any(words in line for line in first.explanation["weights"]), first.explanation["weights"]
+    assert words in first.explanation["text"] or words.split(":")[0] in first.explanation["text"]
+
+
+@pytest.mark.parametrize("variant, dtype", [("tiny", "bfloat16"), ("tiny-plus", "float32")])
+def test_the_honest_weights_are_what_the_fms_adapter_makes_of_hf(variant, dtype):
+    """No weight line on an honest pair, on a block of every kind and its sub-rows (the LoRA adapter merged in bf16
+    on tiny): what ``expected_weights`` reproduces is bit for bit what the model holds."""
+    pair = build_pair(variant, dtype=dtype)
+    rows = ["encoder.input_linear", "encoder.blocks.1", "encoder.out", "projector.layers.0", "projector",
+            "decoder.merged_embeddings", "decoder.layers.1", "decoder.norm", "logits"]
+    result = run_parity(pair, build_inputs(pair), explain=rows)
+    explained = [r for r in result.layers if r.explanation]
+    assert result.passed and len(explained) >= 20, [r.name for r in explained]
+    assert [(r.name, r.explanation["weights"]) for r in explained if r.explanation["weights"]] == []
+    assert not [r.name for r in explained if (r.explanation.get("note") or "").startswith("weights")]
