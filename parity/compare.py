@@ -405,7 +405,7 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
     ``explain`` (exact names, or a prefix: ``encoder.blocks.3`` explains that block and its sub-rows), stored on the
     rows (``LayerResult.explanation``). Attributes need the HF module, so one model at a time explains ops only."""
     from fms_granite_speech.registration import ARCHITECTURE
-    from parity.explain import covering_module, explain_row, weight_diffs
+    from parity.explain import covering_module, explain_row, rotary_diffs, weight_diffs
     from parity.metrics import REDUCED_PRECISION
     from parity.pathmap import covers_of
 
@@ -441,13 +441,33 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
                 weights = weight_diffs(pair.hf, fms, [p.hf, *covers], p.fms, ARCHITECTURE)
             except Exception as err:  # noqa: BLE001 - FMS's loader on a partial state dict: a note, not a crash
                 weights_note = f"weights not compared: {_first_line(err)}"
+        extra = []
+        if hf_module is not None and p.kind in ("decoder_attn", "decoder_layer"):
+            # the rotary embedding the decoder's attention uses lives outside the row, once per model
+            hf_rot, fms_rot = _ROTARY
+            hf_obj, fms_obj = _attribute_path(pair.hf, hf_rot), _attribute_path(fms, fms_rot)
+            if hf_obj is not None and fms_obj is not None:
+                extra = rotary_diffs(hf_obj, fms_obj, hf_rot, fms_rot)
         exp = explain_row(p.name, hf_modules, fms_module, run, reduced=pair.dtype in REDUCED_PRECISION, hf_run=hf_run,
-                          weights=weights)
+                          weights=weights, extra_attributes=extra)
         if weights_note and not exp.note:
             exp.note = weights_note
         if hf_module is None:
             exp.note = "attributes not compared: HF was freed (one model at a time); --memory together compares them"
         r.explanation = exp.to_dict()
+
+
+_ROTARY = ("model.language_model.rotary_emb", "decoder.base_model.rot_emb")  # HF's and FMS's decoder RoPE
+
+
+def _attribute_path(model, path: str):
+    """``model.a.b.c`` for ``path`` "a.b.c", or None (FMS's ``RotaryEmbedding`` is a plain object, not a module)."""
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
 
 
 class _PhaseClock:

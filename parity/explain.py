@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from parity._tree import map_tensors
 
 __all__ = ["AttributeDiff", "Explanation", "OpError", "attribute_diffs", "covering_module", "expected_weights",
-           "explain_row", "kernel_differences", "op_errors", "record", "weight_diff", "weight_diffs"]
+           "explain_row", "kernel_differences", "op_errors", "record", "rotary_diffs", "weight_diff", "weight_diffs"]
 
 # attribute names that mean the same thing on either side -> one name
 ALIASES = {"variance_epsilon": "eps", "epsilon": "eps", "layer_norm_eps": "eps", "norm_eps": "eps",
@@ -56,9 +56,13 @@ class AttributeDiff:
     fms_value: Any
     hf_path: str
     fms_path: str
+    absolute: bool = False  # the paths are the models' own (a module outside the row, e.g. the shared rotary one)
 
     def line(self, row: str) -> str:
         """``ROW.PATH: ATTRIBUTE HF_VALUE on HF (HF_PATH), FMS_VALUE on FMS (FMS_PATH)``."""
+        if self.absolute:
+            return (f"{row}: {self.attribute} {self.hf_value!r} on HF ({self.hf_path}), {self.fms_value!r} on FMS "
+                    f"({self.fms_path})")
         return (f"{row}.{self.fms_path}: " if self.fms_path else f"{row}: ") + (
             f"{self.attribute} {self.hf_value!r} on HF ({self.hf_path or 'the row module'}), {self.fms_value!r} on "
             f"FMS ({self.fms_path or 'the row module'})")
@@ -211,10 +215,16 @@ def attribute_diffs(hf: nn.Module, fms: nn.Module) -> list[AttributeDiff]:
         return found
 
     hw, fw = wrappers(hf), wrappers(fms)
+    # a config object's field (HF's Q-Former config: layer_norm_eps) says nothing the paired leaves do not say
+    # themselves when they carry that attribute: the leaves are compared, the config field is not
+    leaf_keys = {k for hpath, hmod, fpath, fmod in pairs for k in set(_config(hmod)) & set(_config(fmod))}
     for key in sorted(set(hw) & set(fw)):
         hvals, fvals = {repr(v) for _, v in hw[key]}, {repr(v) for _, v in fw[key]}
         if len(hvals) == 1 and len(fvals) == 1:  # one value per side (repeated, e.g. by a config, is one value)
             (hpath, hv), (fpath, fv) = hw[key][0], fw[key][0]
+            from_config = hpath.endswith("config") or fpath.endswith("config")
+            if from_config and key in leaf_keys:
+                continue
             if hv != fv and not _close(hv, fv) and (hpath, fpath, key) not in seen:
                 diffs.append(AttributeDiff(key, hv, fv, hpath, fpath))
     # activations: the same position among the activation modules of each side, different classes
@@ -287,6 +297,38 @@ def covering_module(model: nn.Module, paths: list[str]) -> nn.Module:
     for path, split in zip(paths, parts):
         holder.add_module("_".join(split[common:]), model.get_submodule(path))
     return holder.eval()
+
+
+def rotary_diffs(hf_rotary: nn.Module, fms_rotary: Any, hf_path: str, fms_path: str) -> list[AttributeDiff]:
+    """The rotary position embedding both decoders share across layers (HF computes cos/sin once per forward and
+    hands them to every attention; FMS's attention calls its ``RotaryEmbedding``), outside any row's modules:
+    its inverse frequencies ``theta ** (-2i / d)`` (RoFormer, Su et al. 2021, eq. 15) from HF's ``inv_freq`` buffer
+    against FMS's ``rope_scaling.compute_scaled_freqs``, reported as the base ``theta`` each implies, or as the
+    rotated width when that differs. Empty when they agree (rtol 1e-6) or a side has no such attributes."""
+    inv = getattr(hf_rotary, "inv_freq", None)
+    scaling = getattr(fms_rotary, "rope_scaling", None)
+    if not isinstance(inv, torch.Tensor) or not callable(getattr(scaling, "compute_scaled_freqs", None)):
+        return []
+    try:
+        fms_freqs = scaling.compute_scaled_freqs("cpu", 1)
+    except (RuntimeError, TypeError, ValueError):
+        return []
+    hf_freqs = inv.detach().to("cpu", torch.float64)
+    fms_freqs = fms_freqs.detach().to(torch.float64)
+    if hf_freqs.shape != fms_freqs.shape:
+        return [AttributeDiff("rotary dims", 2 * hf_freqs.numel(), 2 * fms_freqs.numel(), f"{hf_path}.inv_freq",
+                              f"{fms_path}.rope_scaling.dim", absolute=True)]
+    if torch.allclose(hf_freqs, fms_freqs, rtol=1e-6, atol=0):
+        return []
+    half = hf_freqs.numel()
+
+    def theta(freqs: torch.Tensor) -> float:  # freqs[1] = theta ** (-2 / d), d = 2 * half
+        return float(freqs[1] ** (-half)) if half > 1 else float("nan")
+
+    # theta recovered from float32 frequencies carries their rounding (10000.00283): 6 significant digits
+    return [AttributeDiff("rope theta", float(f"{theta(hf_freqs):.6g}"), float(f"{theta(fms_freqs):.6g}"),
+                          f"{hf_path}.inv_freq",
+                          f"{fms_path}.rope_scaling", absolute=True)]
 
 
 # -- weights ------------------------------------------------------------------------------------------------------------
@@ -560,15 +602,18 @@ def kernel_differences(hf_run, fms_run) -> list[str]:
 
 
 def explain_row(layer: str, hf_module: Optional[nn.Module], fms_module: nn.Module, run=None,
-                reduced: bool = False, hf_run=None, weights: Optional[list[str]] = None) -> Explanation:
+                reduced: bool = False, hf_run=None, weights: Optional[list[str]] = None,
+                extra_attributes: Optional[list[AttributeDiff]] = None) -> Explanation:
     """The explanation of one row: attribute differences between its HF and FMS modules; ``weights``, the lines of
-    ``weight_diffs`` (the row's FMS tensors against what FMS's adapter makes of HF's); the kernels or precisions
+    ``weight_diffs`` (the row's FMS tensors against what FMS's adapter makes of HF's); ``extra_attributes``, those of
+    modules outside the row that it uses (``rotary_diffs``); the kernels or precisions
     the FMS module uses that HF's does not (``hf_run``: HF's module on its recorded call, ``run``: the FMS module
     replayed on it); and the FMS ops ranked by the error they introduce against float64. ``reduced``: the run is in
     bf16/fp16, where kernels and precision explain most divergences (in float32 the attributes lead)."""
     exp = Explanation(layer=layer)
     if hf_module is not None:
         exp.attributes = attribute_diffs(hf_module, fms_module)
+    exp.attributes += list(extra_attributes or [])
     kernels: list = []
     if run is not None:
         try:

@@ -196,7 +196,7 @@ def test_a_weight_conversion_bug_is_named_against_what_the_fms_adapter_makes_of_
 
 @pytest.mark.parametrize("variant, dtype", [("tiny", "bfloat16"), ("tiny-plus", "float32")])
 def test_the_honest_weights_are_what_the_fms_adapter_makes_of_hf(variant, dtype):
-    """No weight line on an honest pair, on a block of every kind and its sub-rows (the LoRA adapter merged in bf16
+    """No weight line and no attribute (rope theta included) on an honest pair, on a block of every kind and its sub-rows (the LoRA adapter merged in bf16
     on tiny): what ``expected_weights`` reproduces is bit for bit what the model holds."""
     pair = build_pair(variant, dtype=dtype)
     rows = ["encoder.input_linear", "encoder.blocks.1", "encoder.out", "projector.layers.0", "projector",
@@ -205,4 +205,20 @@ def test_the_honest_weights_are_what_the_fms_adapter_makes_of_hf(variant, dtype)
     explained = [r for r in result.layers if r.explanation]
     assert result.passed and len(explained) >= 20, [r.name for r in explained]
     assert [(r.name, r.explanation["weights"]) for r in explained if r.explanation["weights"]] == []
+    assert [(r.name, r.explanation["attributes"]) for r in explained if r.explanation["attributes"]] == []
     assert not [r.name for r in explained if (r.explanation.get("note") or "").startswith("weights")]
+
+
+def test_a_rope_theta_bug_is_named_at_the_attention_that_uses_it():
+    """The rotary embedding lives outside every row (one per model on both sides): its base is compared for the
+    decoder's attention rows."""
+    pair = build_pair("tiny")
+    rot = pair.fms.decoder.base_model.rot_emb
+    rot.rope_scaling.ratio = 5000.0
+    rot.cached_freqs.clear()
+    rot.max_seq_len_cached.clear()
+    result = run_parity(pair, build_inputs(pair), layers=["decoder"])
+    first = result.first_failure()
+    assert first is not None and first.name == "decoder.layers.0.attn" and first.introduces
+    assert ("decoder.layers.0.attn: rope theta 10000.0 on HF (model.language_model.rotary_emb.inv_freq), 5000.0 on "
+            "FMS (decoder.base_model.rot_emb.rope_scaling)") in first.explanation["text"]
