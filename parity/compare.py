@@ -405,7 +405,7 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
     ``explain`` (exact names, or a prefix: ``encoder.blocks.3`` explains that block and its sub-rows), stored on the
     rows (``LayerResult.explanation``). Attributes need the HF module, so one model at a time explains ops only."""
     from fms_granite_speech.registration import ARCHITECTURE
-    from parity.explain import covering_module, explain_row, rotary_diffs, weight_diffs
+    from parity.explain import config_diffs, covering_module, explain_row, rotary_diffs, weight_diffs
     from parity.metrics import REDUCED_PRECISION
     from parity.pathmap import covers_of
 
@@ -448,6 +448,16 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
             hf_obj, fms_obj = _attribute_path(pair.hf, hf_rot), _attribute_path(fms, fms_rot)
             if hf_obj is not None and fms_obj is not None:
                 extra = rotary_diffs(hf_obj, fms_obj, hf_rot, fms_rot)
+        if hf_module is not None and p.section == "decoder":
+            # Granite's muP scalars live in the decoders' configs, outside every row's modules
+            decoder = getattr(fms, "decoder", None)
+            configs = {path: cfg for path, cfg in (("decoder.config", getattr(decoder, "config", None)),
+                                                   ("decoder.base_model.config",
+                                                    getattr(getattr(decoder, "base_model", None), "config", None)))
+                       if cfg is not None}
+            text_config = getattr(pair.hf.config, "text_config", None)
+            if text_config is not None:
+                extra += config_diffs(text_config, "text_config", configs, _MUP_SCALARS)
         exp = explain_row(p.name, hf_modules, fms_module, run, reduced=pair.dtype in REDUCED_PRECISION, hf_run=hf_run,
                           weights=weights, extra_attributes=extra)
         if weights_note and not exp.note:
@@ -458,6 +468,7 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
 
 
 _ROTARY = ("model.language_model.rotary_emb", "decoder.base_model.rot_emb")  # HF's and FMS's decoder RoPE
+_MUP_SCALARS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
 
 
 def _attribute_path(model, path: str):

@@ -38,7 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from parity._tree import map_tensors
 
 __all__ = ["AttributeDiff", "Explanation", "OpError", "attribute_diffs", "covering_module", "expected_weights",
-           "explain_row", "kernel_differences", "op_errors", "record", "rotary_diffs", "weight_diff", "weight_diffs"]
+           "config_diffs", "explain_row", "kernel_differences", "op_errors", "record", "rotary_diffs", "weight_diff",
+           "weight_diffs"]
 
 # attribute names that mean the same thing on either side -> one name
 ALIASES = {"variance_epsilon": "eps", "epsilon": "eps", "layer_norm_eps": "eps", "norm_eps": "eps",
@@ -329,6 +330,22 @@ def rotary_diffs(hf_rotary: nn.Module, fms_rotary: Any, hf_path: str, fms_path: 
     return [AttributeDiff("rope theta", float(f"{theta(hf_freqs):.6g}"), float(f"{theta(fms_freqs):.6g}"),
                           f"{hf_path}.inv_freq",
                           f"{fms_path}.rope_scaling", absolute=True)]
+
+
+def config_diffs(hf_config: Any, hf_path: str, fms_configs: dict[str, Any], keys: tuple[str, ...]) -> list[AttributeDiff]:
+    """Model-level scalars both sides keep in a config object rather than in any row's module (Granite's muP
+    multipliers: ``embedding_multiplier`` before the first layer, ``logits_scaling`` after the head): the field
+    ``key`` of ``hf_config`` against the same field of every FMS config object in ``fms_configs`` (path -> config; the
+    ones the FMS model reads), one line per FMS config that differs."""
+    out = []
+    for key in keys:
+        hv = getattr(hf_config, key, None)
+        for path, cfg in fms_configs.items():
+            fv = getattr(cfg, key, None)
+            if isinstance(hv, (int, float)) and isinstance(fv, (int, float)) and hv != fv and not _close(
+                    float(hv), float(fv)):
+                out.append(AttributeDiff(key, hv, fv, f"{hf_path}.{key}", f"{path}.{key}", absolute=True))
+    return out
 
 
 # -- weights ------------------------------------------------------------------------------------------------------------

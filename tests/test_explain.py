@@ -222,3 +222,21 @@ def test_a_rope_theta_bug_is_named_at_the_attention_that_uses_it():
     assert first is not None and first.name == "decoder.layers.0.attn" and first.introduces
     assert ("decoder.layers.0.attn: rope theta 10000.0 on HF (model.language_model.rotary_emb.inv_freq), 5000.0 on "
             "FMS (decoder.base_model.rot_emb.rope_scaling)") in first.explanation["text"]
+
+
+@pytest.mark.parametrize("plant, layer, words", [
+    (lambda m: setattr(m.decoder.config, "logits_scaling", 4.0), "logits",
+     "logits: logits_scaling 8.0 on HF (text_config.logits_scaling), 4.0 on FMS (decoder.config.logits_scaling)"),
+    (lambda m: setattr(m.decoder.base_model.config, "embedding_multiplier", 6.0), "decoder.layers.0.attn_norm",
+     "embedding_multiplier 12.0 on HF (text_config.embedding_multiplier), 6.0 on FMS "
+     "(decoder.base_model.config.embedding_multiplier)"),
+], ids=["logits_scaling", "embedding_multiplier"])
+def test_a_mup_scalar_outside_every_row_is_named_at_the_first_row_it_reaches(plant, layer, words):
+    """Granite's multipliers are applied between rows (before the first layer, after the head): the decoder's
+    config scalars are compared for every decoder row explained."""
+    pair = build_pair("tiny")
+    plant(pair.fms)
+    result = run_parity(pair, build_inputs(pair), layers=["decoder"])
+    first = result.first_failure()
+    assert first is not None and first.name == layer, result.first_divergent
+    assert words in first.explanation["text"], first.explanation["text"]
