@@ -404,6 +404,9 @@ def _span(first: int, n: int, unit: str = "") -> str:
     return f"{unit[:-1]} {first}" if n == 1 else f"{unit} {first}-{first + n - 1}"
 
 
+_MAX_SEARCHED_ROWS = 4096
+
+
 def weight_diff(name: str, got: torch.Tensor, want: torch.Tensor,
                 others: Optional[dict[str, torch.Tensor]] = None) -> Optional[str]:
     """How ``got`` (an FMS tensor) departs from ``want`` (what FMS's adapter makes of HF's tensors), or None when
@@ -425,27 +428,37 @@ def weight_diff(name: str, got: torch.Tensor, want: torch.Tensor,
         g, w = g.reshape(-1, 1), w.reshape(-1, 1)
     rel = float((g - w).norm() / w.norm()) if float(w.norm()) else float((g - w).norm())
     differ = torch.nonzero((g != w).any(dim=1)).flatten().tolist()
+    ratio = g.norm(dim=1) / w.norm(dim=1).clamp(min=1e-300)
+    cos = (g * w).sum(dim=1) / (g.norm(dim=1) * w.norm(dim=1)).clamp(min=1e-300)
+    sel = torch.tensor(differ)
+    if g.shape[1] > 1 and bool((cos[sel] > 1 - 1e-9).all()):
+        lo, hi = float(ratio[sel].min()), float(ratio[sel].max())
+        if hi - lo <= 1e-6 * max(abs(hi), 1e-30):
+            spans = ", ".join(_span(a, n) for a, _, n in _runs(differ, differ)[:4])
+            whole = "every row" if len(differ) == g.shape[0] else f"{unit} {spans}"
+            return f"{name}: {whole} {lo:.6g} x what FMS's adapter makes of HF's tensors"
     if g.shape[1] > 1:  # rows of a matrix: where does each differing row come from?
         # candidate homes: this tensor's expected rows first, then those of the row's other tensors of this width
         pools = [(None, w)] + [(n, t.detach().to(torch.float64).reshape(t.shape[0], -1))
                                for n, t in (others or {}).items()
                                if n != name and t.is_floating_point() and t.dim() >= 2 and t[0].numel() == g.shape[1]]
-        homes: list = [None] * len(differ)
+        searched = differ[:_MAX_SEARCHED_ROWS]  # a bound on the cdist work for a full-size weight
+        homes: list = [None] * len(searched)
         for pool_name, pool in pools:
             norms = pool.norm(dim=1)
-            for start in range(0, len(differ), 1024):
-                todo = [k for k in range(start, min(start + 1024, len(differ))) if homes[k] is None]
+            for start in range(0, len(searched), 1024):
+                todo = [k for k in range(start, min(start + 1024, len(searched))) if homes[k] is None]
                 if not todo:
                     continue
-                idx = torch.tensor([differ[k] for k in todo])
+                idx = torch.tensor([searched[k] for k in todo])
                 near, home = torch.cdist(g[idx], pool).min(dim=1)  # nearest expected row, Euclidean
                 exact = near <= 1e-6 * norms[home].clamp(min=1e-30)
                 for k, i, h, e in zip(todo, idx.tolist(), home.tolist(), exact.tolist()):
                     if e and (pool_name is not None or h != i):
                         homes[k] = (pool_name, h)
-        if differ and all(h is not None for h in homes):
+        if searched and all(h is not None for h in homes):
             groups: dict = {}
-            for r, (pool_name, h) in zip(differ, homes):
+            for r, (pool_name, h) in zip(searched, homes):
                 groups.setdefault(pool_name, ([], []))
                 groups[pool_name][0].append(r)
                 groups[pool_name][1].append(h)
@@ -457,16 +470,9 @@ def weight_diff(name: str, got: torch.Tensor, want: torch.Tensor,
             more = f"; ... ({len(said)} runs)" if len(said) > 3 else ""
             why = ("two tensors swapped, or rows taken from the wrong one" if set(groups) - {None} else
                    "rows permuted, or the parts of a fused weight in another order")
-            return f"{name}: {'; '.join(said[:3])}{more} ({why})"
-    ratio = g.norm(dim=1) / w.norm(dim=1).clamp(min=1e-300)
-    cos = (g * w).sum(dim=1) / (g.norm(dim=1) * w.norm(dim=1)).clamp(min=1e-300)
-    sel = torch.tensor(differ)
-    if g.shape[1] > 1 and bool((cos[sel] > 1 - 1e-9).all()):
-        lo, hi = float(ratio[sel].min()), float(ratio[sel].max())
-        if hi - lo <= 1e-6 * max(abs(hi), 1e-30):
-            spans = ", ".join(_span(a, n) for a, _, n in _runs(differ, differ)[:4])
-            whole = "every row" if len(differ) == g.shape[0] else f"{unit} {spans}"
-            return f"{name}: {whole} {lo:.6g} x what FMS's adapter makes of HF's tensors"
+            part = (f"; the first {len(searched)} of {len(differ)} differing {unit} searched"
+                    if len(searched) < len(differ) else "")
+            return f"{name}: {'; '.join(said[:3])}{more} ({why}{part})"
     if g.shape[1] == 1 and len(differ) == g.shape[0]:
         q = (g / w.where(w != 0, torch.ones_like(w))).flatten()
         if bool((w != 0).all()) and float(q.max() - q.min()) <= 1e-6 * abs(float(q.mean())):

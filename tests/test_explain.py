@@ -240,3 +240,30 @@ def test_a_mup_scalar_outside_every_row_is_named_at_the_first_row_it_reaches(pla
     first = result.first_failure()
     assert first is not None and first.name == layer, result.first_divergent
     assert words in first.explanation["text"], first.explanation["text"]
+
+
+def test_weight_diff_on_tensors_alone():
+    """``weight_diff`` without models: each kind of departure from the expected tensor, one line each."""
+    import torch
+
+    from parity.explain import weight_diff
+
+    gen = torch.Generator().manual_seed(0)
+    want = torch.randn(6, 4, generator=gen)
+    assert weight_diff("w", want.clone(), want) is None
+    assert weight_diff("w", want[:5], want) == "w: shape (5, 4), FMS's adapter makes (6, 4) of HF's tensors"
+    assert weight_diff("w", 3 * want, want) == "w: every row 3 x what FMS's adapter makes of HF's tensors"
+    swapped = want[[0, 1, 3, 2, 4, 5]]
+    assert weight_diff("w", swapped, want).startswith(
+        "w: row 2 holds what FMS's adapter puts at row 3; row 3 holds what FMS's adapter puts at row 2")
+    other = torch.randn(6, 4, generator=gen)
+    assert "in v at rows 0-5 (two tensors swapped" in weight_diff("k", other, want, {"k": want, "v": other})
+    bumped = want.clone()
+    bumped[4, 1] += 1.0
+    assert weight_diff("w", bumped, want).startswith("w: 1 of 6 rows differ from what FMS's adapter makes")
+    bias = torch.randn(5, generator=gen)
+    assert weight_diff("b", 0.5 * bias, bias) == "b: every element 0.5 x what FMS's adapter makes of HF's tensors"
+    # a full-size permutation: the search is bounded and says how much of it ran
+    big = torch.randn(5000, 3, generator=gen)
+    line = weight_diff("big", big.flip(0), big)
+    assert "(rows permuted" in line and "the first 4096 of 5000 differing rows searched" in line, line
