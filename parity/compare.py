@@ -436,9 +436,11 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
         covers = covers_of(p.name)
         hf_modules = hf_module if hf_module is None or not covers else covering_module(pair.hf, [p.hf, *covers])
         weights, weights_note = None, None
-        if hf_module is not None and pair.distributed is None and p.hf:
-            try:  # the row's FMS tensors against what FMS's own adapter makes of HF's tensors under the row
-                weights = weight_diffs(pair.hf, fms, [p.hf, *covers], p.fms, ARCHITECTURE)
+        folder = pair.weights_folder() if hf_module is None else None
+        if (hf_module is not None or folder is not None) and pair.distributed is None and p.hf:
+            try:  # the row's FMS tensors against what FMS's own adapter makes of HF's tensors under the row (read
+                # from the checkpoint folder when HF was freed)
+                weights = weight_diffs(pair.hf, fms, [p.hf, *covers], p.fms, ARCHITECTURE, folder=folder)
             except Exception as err:  # noqa: BLE001 - FMS's loader on a partial state dict: a note, not a crash
                 weights_note = f"weights not compared: {_first_line(err)}"
         extra = []
@@ -463,7 +465,8 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
         if weights_note and not exp.note:
             exp.note = weights_note
         if hf_module is None:
-            exp.note = "attributes not compared: HF was freed (one model at a time); --memory together compares them"
+            exp.note = ("attributes not compared: HF was freed (one model at a time); --memory together compares them"
+                        + ("" if weights is None else "; weights compared from the checkpoint folder"))
         r.explanation = exp.to_dict()
 
 

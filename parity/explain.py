@@ -351,23 +351,70 @@ def config_diffs(hf_config: Any, hf_path: str, fms_configs: dict[str, Any], keys
 # -- weights ------------------------------------------------------------------------------------------------------------
 
 
-def expected_weights(hf: nn.Module, fms: nn.Module, hf_paths: list[str], architecture: str,
-                     source: str = "hf") -> dict[str, torch.Tensor]:
+def _under(key: str, paths: list[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in paths if p)
+
+
+def _checkpoint_keys(folder: str, hf_paths: list[str]) -> set[str]:
+    """The names the folder stores the HF model's tensors under ``hf_paths`` by: transformers saves a layout of its
+    own (``revert_weight_conversion``: Granite Speech's ``model.language_model.layers.1...`` is written as
+    ``language_model.model...``), so the runtime names of a meta-device build of the folder's class are reverted."""
+    import transformers
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from fms_granite_speech.folder import read_config_json
+
+    config = transformers.AutoConfig.for_model(**read_config_json(folder))
+    with torch.device("meta"):
+        skeleton = getattr(transformers, config.architectures[0])(config)
+    state = {k: t for k, t in skeleton.state_dict().items() if _under(k, hf_paths)}
+    return set(revert_weight_conversion(skeleton, state)) if state else set()
+
+
+def _folder_tensors(folder: str, hf_paths: list[str], adapter: bool) -> dict[str, torch.Tensor]:
+    """The tensors of an HF checkpoint folder that lie under ``hf_paths`` (``_checkpoint_keys``; the adapter file's
+    peft names are runtime names behind ``base_model.model.``), read with safetensors, nothing else of the folder."""
+    from safetensors import safe_open
+
+    from fms_granite_speech.folder import check_safetensors_folder
+
+    files, adapter_file = check_safetensors_folder(folder, for_glob=True)
+    wanted = _checkpoint_keys(folder, hf_paths)
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            out.update((k, handle.get_tensor(k)) for k in handle.keys() if k in wanted)
+    if adapter and adapter_file is not None:
+        with safe_open(str(adapter_file), framework="pt", device="cpu") as handle:
+            out.update((k, handle.get_tensor(k)) for k in handle.keys()
+                       if _under(k.removeprefix("base_model.model."), hf_paths))
+    return out
+
+
+def expected_weights(hf: Optional[nn.Module], fms: nn.Module, hf_paths: list[str], architecture: str,
+                     source: str = "hf", folder: Optional[str] = None) -> dict[str, torch.Tensor]:
     """What FMS's own checkpoint adapter makes of the HF tensors under ``hf_paths``: a shadow of ``fms`` built on the
     meta device from its config, given only those tensors through ``fms.utils.serialization.
     load_state_dict_into_model`` (the loader every checkpoint goes through), then, where ``fms`` has its LoRA
     adapter merged (``adapter_enabled``), the adapter merged into the shadow's rows exactly as ``set_adapter`` merges
-    it (``base`` in float32 plus ``(alpha / r) B @ A``, cast to the weight's dtype). Returns FMS parameter and buffer
-    names -> tensors (only those the HF tensors filled), in ``fms``'s dtypes."""
+    it (``base`` in float32 plus ``(alpha / r) B @ A``, cast to the weight's dtype). The HF tensors come from the
+    model ``hf``'s state dict, or, when ``hf`` is None (one model at a time: HF was freed), from the checkpoint
+    ``folder`` it was built from (``_folder_tensors``). Returns FMS parameter and buffer names -> tensors (only those
+    the HF tensors filled), in ``fms``'s dtypes."""
     from fms.utils.serialization import load_state_dict_into_model
 
-    state = hf.state_dict()
-    keys = [k for k in state if any(k == p or k.startswith(p + ".") for p in hf_paths if p)]
-    if not keys:
+    if hf is not None:
+        state = hf.state_dict()
+        given = {k: state[k] for k in state if _under(k, hf_paths)}
+    elif folder is not None:
+        given = _folder_tensors(folder, hf_paths, adapter=getattr(fms.config, "lora", None) is not None)
+    else:
+        return {}
+    if not given:
         return {}
     with torch.device("meta"):
         shadow = type(fms)(fms.config)
-    load_state_dict_into_model(shadow, {k: state[k] for k in keys}, architecture, source)
+    load_state_dict_into_model(shadow, given, architecture, source)
     live = dict(fms.named_parameters())
     live.update(fms.named_buffers())
     out = {n: t.detach() for n, t in list(shadow.named_parameters()) + list(shadow.named_buffers())
@@ -481,14 +528,14 @@ def weight_diff(name: str, got: torch.Tensor, want: torch.Tensor,
             f"(rel-L2 {rel:.3e}; first at {unit[:-1]} {differ[0]})")
 
 
-def weight_diffs(hf: nn.Module, fms: nn.Module, hf_paths: list[str], fms_path: str, architecture: str,
-                 source: str = "hf") -> list[str]:
+def weight_diffs(hf: Optional[nn.Module], fms: nn.Module, hf_paths: list[str], fms_path: str, architecture: str,
+                 source: str = "hf", folder: Optional[str] = None) -> list[str]:
     """One line per FMS tensor of the row (``fms_path``, and the LoRA tensors the row's HF tensors fill) that is not
     what FMS's adapter makes of the HF tensors under ``hf_paths`` (``expected_weights``, ``weight_diff``): the
     conversion bugs no configuration attribute shows (RoPE rows permuted twice, the halves of a fused gate/up
     swapped, a scale folded in twice)."""
     lines = []
-    expected = expected_weights(hf, fms, hf_paths, architecture, source)
+    expected = expected_weights(hf, fms, hf_paths, architecture, source, folder=folder)
     params = dict(fms.named_parameters())
     for name, want in expected.items():
         if fms_path and not (name.startswith(fms_path + ".") or name.startswith("lora.")):

@@ -235,6 +235,13 @@ class ModelPair:
                 raise
         return hf
 
+    def weights_folder(self) -> Optional[str]:
+        """The HF checkpoint folder the models were built from: the user's ``checkpoint``, else the temporary folder
+        of random weights written for one model at a time; None when the weights exist only in memory."""
+        if self.checkpoint is not None:
+            return str(self.checkpoint)
+        return None if self._folder is None else self._folder.name
+
     def _build_fms(self) -> nn.Module:
         from fms_granite_speech.checkpoint import load_checkpoint
 

@@ -267,3 +267,27 @@ def test_weight_diff_on_tensors_alone():
     big = torch.randn(5000, 3, generator=gen)
     line = weight_diff("big", big.flip(0), big)
     assert "(rows permuted" in line and "the first 4096 of 5000 differing rows searched" in line, line
+
+
+def test_one_model_at_a_time_compares_the_weights_from_the_checkpoint_folder(monkeypatch):
+    """``--memory sequential`` frees HF before FMS runs: the row's HF tensors are read from the folder the pair was
+    built from (transformers' saved layout mapped back to the row), so a weight bug is still named there."""
+    import torch
+
+    import fms_granite_speech.checkpoint as checkpoint
+
+    real = checkpoint.load_checkpoint
+
+    def planted(*args, **kwargs):
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            _q_rows(model)
+        return model
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", planted)
+    pair = build_pair("tiny", memory="sequential")
+    result = run_parity(pair, build_inputs(pair), layers=["decoder"])
+    first = result.first_failure()
+    assert first is not None and first.name == "decoder.layers.1.attn"
+    assert "row 0 holds what FMS's adapter puts at row 1" in first.explanation["text"], first.explanation
+    assert first.explanation["note"].endswith("weights compared from the checkpoint folder")
