@@ -529,22 +529,25 @@ def weight_diff(name: str, got: torch.Tensor, want: torch.Tensor,
 
 
 def weight_diffs(hf: Optional[nn.Module], fms: nn.Module, hf_paths: list[str], fms_path: str, architecture: str,
-                 source: str = "hf", folder: Optional[str] = None) -> list[str]:
+                 source: str = "hf", folder: Optional[str] = None) -> Optional[list[str]]:
     """One line per FMS tensor of the row (``fms_path``, and the LoRA tensors the row's HF tensors fill) that is not
     what FMS's adapter makes of the HF tensors under ``hf_paths`` (``expected_weights``, ``weight_diff``): the
     conversion bugs no configuration attribute shows (RoPE rows permuted twice, the halves of a fused gate/up
-    swapped, a scale folded in twice)."""
+    swapped, a scale folded in twice). None when no tensor of the row could be compared (the HF tensors under
+    ``hf_paths`` were not found, or the adapter filled none of the row's)."""
     lines = []
     expected = expected_weights(hf, fms, hf_paths, architecture, source, folder=folder)
     params = dict(fms.named_parameters())
+    compared = 0
     for name, want in expected.items():
         if fms_path and not (name.startswith(fms_path + ".") or name.startswith("lora.")):
             continue
+        compared += 1
         got = params[name] if name in params else fms.get_buffer(name)
         line = weight_diff(name, got.detach(), want, expected)
         if line is not None:
             lines.append(line)
-    return lines
+    return lines if compared else None
 
 
 # -- ops ----------------------------------------------------------------------------------------------------------------
