@@ -108,6 +108,17 @@ def signals_deferred() -> Iterator[None]:
         restore_signals(previous)
 
 
+def _quiet_interrupts(previous):
+    """A ``sys.unraisablehook`` that drops the interrupts this module raises where Python cannot propagate them (a
+    ``__del__``, a weakref callback: "Exception ignored in ..." and a traceback on stderr, under the command's one
+    line): ``_RECEIVED`` already holds them. Anything else goes to the ``previous`` hook."""
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)) and _RECEIVED:
+            return
+        previous(unraisable)
+    return hook
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread only
@@ -115,9 +126,12 @@ def _sigterm_raises() -> Iterator[None]:
         return
     _RECEIVED.clear()
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_interrupts(previous_hook)
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
