@@ -403,12 +403,8 @@ def _eager(pair, inputs, run: list[LayerPair], upto: str, tol: Optional[Toleranc
 def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Sequence[str], progress) -> None:
     """Phase 6: ``parity.explain.explain_row`` for the first model row that fails and every row named in
     ``explain`` (exact names, or a prefix: ``encoder.blocks.3`` explains that block and its sub-rows), stored on the
-    rows (``LayerResult.explanation``). Attributes need the HF module, so one model at a time explains ops only."""
-    from fms_granite_speech.registration import ARCHITECTURE
-    from parity.explain import config_diffs, covering_module, explain_row, rotary_diffs, weight_diffs
-    from parity.metrics import REDUCED_PRECISION
-    from parity.pathmap import covers_of
-
+    rows (``LayerResult.explanation``). One model at a time (HF freed), attributes are compared on a meta-device
+    build of the checkpoint folder's HF class and weights read from the folder; ops always."""
     # the row that introduces the first error (its own computation fails on HF's exact input), else the first that
     # fails at all: a row that only inherits an error has nothing of its own to explain
     failing = [r for r in rows if not r.passed and r.pair.tensor != PIPELINE]
@@ -417,57 +413,92 @@ def _explain(pair, fms, rows: list[LayerResult], ref: "_Reference", explain: Seq
         r.name == n or r.name.startswith(n + ".") for n in explain))]
     if wanted:
         _say(progress, f"explaining {', '.join(r.name for r in wanted[:3])}{' ...' if len(wanted) > 3 else ''}")
+    reference = _attribute_reference(pair)
     for r in wanted:
-        p = r.pair
-        hf_module = None if pair.hf is None else pair.hf.get_submodule(p.hf)
-        fms_module = fms.get_submodule(p.fms)
-        calls = ref.calls.get(p.name) or []
-        run = hf_run = None
-        if p.kind is not None and calls:
-            def replay(p=p, fms_module=fms_module, call=calls[0]):
-                return replay_fms(REPLAYS[p.kind], fms, fms_module, _to_device(call, pair.device), ref.context)
-
-            def hf_replay(hf_module=hf_module, call=calls[0]):
-                bound = inspect.BoundArguments(inspect.signature(hf_module.forward), _to_device(call, pair.device))
-                return hf_module(*bound.args, **bound.kwargs)
-
-            run, hf_run = replay, (hf_replay if hf_module is not None else None)
-        # the attributes of every HF module the row covers (the Q-Former feed-forward: intermediate_query too)
-        covers = covers_of(p.name)
-        hf_modules = hf_module if hf_module is None or not covers else covering_module(pair.hf, [p.hf, *covers])
-        weights, weights_note = None, None
-        folder = pair.weights_folder() if hf_module is None else None
-        if (hf_module is not None or folder is not None) and pair.distributed is None and p.hf:
-            try:  # the row's FMS tensors against what FMS's own adapter makes of HF's tensors under the row (read
-                # from the checkpoint folder when HF was freed)
-                weights = weight_diffs(pair.hf, fms, [p.hf, *covers], p.fms, ARCHITECTURE, folder=folder)
-            except Exception as err:  # noqa: BLE001 - FMS's loader on a partial state dict: a note, not a crash
-                weights_note = f"weights not compared: {_first_line(err)}"
-        extra = []
-        if hf_module is not None and p.kind in ("decoder_attn", "decoder_layer"):
-            # the rotary embedding the decoder's attention uses lives outside the row, once per model
-            hf_rot, fms_rot = _ROTARY
-            hf_obj, fms_obj = _attribute_path(pair.hf, hf_rot), _attribute_path(fms, fms_rot)
-            if hf_obj is not None and fms_obj is not None:
-                extra = rotary_diffs(hf_obj, fms_obj, hf_rot, fms_rot)
-        if hf_module is not None and p.section == "decoder":
-            # Granite's muP scalars live in the decoders' configs, outside every row's modules
-            decoder = getattr(fms, "decoder", None)
-            configs = {path: cfg for path, cfg in (("decoder.config", getattr(decoder, "config", None)),
-                                                   ("decoder.base_model.config",
-                                                    getattr(getattr(decoder, "base_model", None), "config", None)))
-                       if cfg is not None}
-            text_config = getattr(pair.hf.config, "text_config", None)
-            if text_config is not None:
-                extra += config_diffs(text_config, "text_config", configs, _MUP_SCALARS)
-        exp = explain_row(p.name, hf_modules, fms_module, run, reduced=pair.dtype in REDUCED_PRECISION, hf_run=hf_run,
-                          weights=weights, extra_attributes=extra)
-        if weights_note and not exp.note:
-            exp.note = weights_note
-        if hf_module is None:
-            exp.note = ("attributes not compared: HF was freed (one model at a time); --memory together compares them"
-                        + ("" if weights is None else "; weights compared from the checkpoint folder"))
+        exp = _explain_one(pair, fms, r.pair, ref, reference)
         r.explanation = exp.to_dict()
+
+
+def _attribute_reference(pair):
+    """The HF model whose modules' configuration the explanations compare: the model itself, or, one model at a time
+    (HF freed), a meta-device build of the checkpoint folder's class (``explain.meta_reference``: no weights); None
+    when neither is at hand. Returns ``(model, from_folder)``."""
+    from parity.explain import meta_reference
+
+    if pair.hf is not None:
+        return pair.hf, False
+    folder = pair.weights_folder()
+    if folder is None or pair.distributed is not None:
+        return None, False
+    try:
+        return meta_reference(folder), True
+    except Exception:  # noqa: BLE001 - a folder transformers cannot build on meta: ops and weights still explain
+        return None, False
+
+
+def _explain_one(pair, fms, p: LayerPair, ref: "_Reference", reference):
+    """``explain_row`` for one row: its HF module (or its meta-device build, one model at a time), the FMS module,
+    both replays, the weights against FMS's adapter, and the decoder's RoPE and muP scalars outside every row."""
+    from fms_granite_speech.registration import ARCHITECTURE
+    from parity.explain import config_diffs, covering_module, explain_row, rotary_diffs, weight_diffs
+    from parity.metrics import REDUCED_PRECISION
+    from parity.pathmap import covers_of
+
+    hf_model, from_folder = reference
+    hf_module = None if pair.hf is None else pair.hf.get_submodule(p.hf)  # the real one: the replay needs values
+    fms_module = fms.get_submodule(p.fms)
+    calls = ref.calls.get(p.name) or []
+    run = hf_run = None
+    if p.kind is not None and calls:
+        def replay(call=calls[0]):
+            return replay_fms(REPLAYS[p.kind], fms, fms_module, _to_device(call, pair.device), ref.context)
+
+        def hf_replay(call=calls[0]):
+            bound = inspect.BoundArguments(inspect.signature(hf_module.forward), _to_device(call, pair.device))
+            return hf_module(*bound.args, **bound.kwargs)
+
+        run, hf_run = replay, (hf_replay if hf_module is not None else None)
+    # the attributes of every HF module the row covers (the Q-Former feed-forward: intermediate_query too)
+    covers = covers_of(p.name)
+    hf_modules = None
+    if hf_model is not None:
+        hf_modules = covering_module(hf_model, [p.hf, *covers]) if covers else hf_model.get_submodule(p.hf)
+    weights, weights_note = None, None
+    folder = pair.weights_folder() if pair.hf is None else None
+    if (pair.hf is not None or folder is not None) and pair.distributed is None and p.hf:
+        try:  # the row's FMS tensors against what FMS's own adapter makes of HF's tensors under the row (read
+            # from the checkpoint folder when HF was freed)
+            weights = weight_diffs(pair.hf, fms, [p.hf, *covers], p.fms, ARCHITECTURE, folder=folder)
+        except Exception as err:  # noqa: BLE001 - FMS's loader on a partial state dict: a note, not a crash
+            weights_note = f"weights not compared: {_first_line(err)}"
+    extra = []
+    if hf_model is not None and p.kind in ("decoder_attn", "decoder_layer"):
+        # the rotary embedding the decoder's attention uses lives outside the row, once per model
+        hf_rot, fms_rot = _ROTARY
+        hf_obj, fms_obj = _attribute_path(hf_model, hf_rot), _attribute_path(fms, fms_rot)
+        if hf_obj is not None and fms_obj is not None:
+            extra = rotary_diffs(hf_obj, fms_obj, hf_rot, fms_rot)
+    if hf_model is not None and p.section == "decoder":
+        # Granite's muP scalars live in the decoders' configs, outside every row's modules
+        decoder = getattr(fms, "decoder", None)
+        configs = {path: cfg for path, cfg in (("decoder.config", getattr(decoder, "config", None)),
+                                               ("decoder.base_model.config",
+                                                getattr(getattr(decoder, "base_model", None), "config", None)))
+                   if cfg is not None}
+        text_config = getattr(hf_model.config, "text_config", None)
+        if text_config is not None:
+            extra += config_diffs(text_config, "text_config", configs, _MUP_SCALARS)
+    exp = explain_row(p.name, hf_modules, fms_module, run, reduced=pair.dtype in REDUCED_PRECISION, hf_run=hf_run,
+                      weights=weights, extra_attributes=extra)
+    notes = [weights_note] if weights_note else []
+    if pair.hf is None and from_folder:
+        notes.append("HF was freed (one model at a time): attributes compared on a meta-device build of the "
+                     "checkpoint's config" + ("" if weights is None else ", weights read from the checkpoint folder"))
+    elif pair.hf is None:
+        notes.append("attributes not compared: HF was freed (one model at a time); --memory together compares them")
+    if notes and not exp.note:
+        exp.note = "; ".join(notes)
+    return exp
 
 
 _ROTARY = ("model.language_model.rotary_emb", "decoder.base_model.rot_emb")  # HF's and FMS's decoder RoPE

@@ -37,9 +37,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from parity._tree import map_tensors
 
-__all__ = ["AttributeDiff", "Explanation", "OpError", "attribute_diffs", "covering_module", "expected_weights",
-           "config_diffs", "explain_row", "kernel_differences", "op_errors", "record", "rotary_diffs", "weight_diff",
-           "weight_diffs"]
+__all__ = ["AttributeDiff", "Explanation", "OpError", "attribute_diffs", "config_diffs", "covering_module",
+           "expected_weights", "explain_row", "kernel_differences", "meta_reference", "op_errors", "record",
+           "rotary_diffs", "weight_diff", "weight_diffs"]
 
 # attribute names that mean the same thing on either side -> one name
 ALIASES = {"variance_epsilon": "eps", "epsilon": "eps", "layer_norm_eps": "eps", "norm_eps": "eps",
@@ -122,6 +122,15 @@ def _config(module: nn.Module) -> dict:
     return out
 
 
+def _torch_class(module: nn.Module) -> Optional[type]:
+    """The torch.nn class a module is, or derives from (FMS's ``BatchNorm1d`` subclass -> ``nn.BatchNorm1d``); None
+    for a module of neither."""
+    for cls in type(module).__mro__:
+        if cls is not nn.Module and cls.__module__.startswith("torch.nn"):
+            return cls
+    return None
+
+
 def _is_leaf(module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.nn")
 
@@ -132,12 +141,14 @@ def _direct_weight(module: nn.Module) -> Optional[torch.Tensor]:
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_meta or b.is_meta:  # a meta-device reference (one model at a time) has no values to pair by
+        return False
     return a.numel() == b.numel() and a.numel() > 1 and torch.equal(a.reshape(-1), b.reshape(-1).to(a.dtype))
 
 
 def _pairs_by_weight(hf: nn.Module, fms: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
-    """Leaf modules of the two rows paired by equal weights; then the torch.nn leaves of one class left unpaired on
-    both sides, in module order, when each side has as many of them (a norm whose weight FMS dropped, a Linear
+    """Leaf modules of the two rows paired by equal weights; then the torch.nn leaves of one class (or subclasses of
+    it) left unpaired on both sides, in module order, when each side has as many of them (a norm whose weight FMS dropped, a Linear
     whose rows a conversion moved: their configuration is still compared)."""
     candidates = [(p, m, _direct_weight(m)) for p, m in fms.named_modules() if _direct_weight(m) is not None]
     used, hf_used, out = set(), set(), []
@@ -155,16 +166,34 @@ def _pairs_by_weight(hf: nn.Module, fms: nn.Module) -> list[tuple[str, nn.Module
     def left(root: nn.Module, taken: set) -> dict:
         by_class: dict = {}
         for path, module in root.named_modules():
-            if path not in taken and _is_leaf(module) and not _is_activation(module) and (
-                    module._parameters or module._buffers):
-                by_class.setdefault(type(module), []).append((path, module))
+            base = _torch_class(module)
+            if (path not in taken and base is not None and next(module.children(), None) is None
+                    and not _is_activation(module) and (module._parameters or module._buffers)):
+                by_class.setdefault(base, []).append((path, module))
         return by_class
+
+    def shapes(module: nn.Module) -> dict:
+        return {n: tuple(t.shape) for n, t in module._parameters.items() if t is not None}
 
     hf_left, fms_left = left(hf, hf_used), left(fms, used)
     for cls, hf_mods in hf_left.items():
         fms_mods = fms_left.get(cls, [])
-        if len(fms_mods) == len(hf_mods):
+        # in order, and only where every parameter both hold has one shape: a Linear is never paired with another
+        # Linear of other sizes (a meta-device reference has nothing else to pair by)
+        if len(fms_mods) == len(hf_mods) and all(
+                all(shapes(hm)[n] == shapes(fm)[n] for n in set(shapes(hm)) & set(shapes(fm)))
+                for (_, hm), (_, fm) in zip(hf_mods, fms_mods)):
             out.extend((hp, hm, fp, fm) for (hp, hm), (fp, fm) in zip(hf_mods, fms_mods))
+            continue
+        # else the modules whose parameter shapes occur once on each side (a depthwise Conv1d among pointwise ones)
+        hf_by, fms_by = {}, {}
+        for side, mods in ((hf_by, hf_mods), (fms_by, fms_mods)):
+            for path, module in mods:
+                side.setdefault(tuple(sorted(shapes(module).items())), []).append((path, module))
+        for key, found in hf_by.items():
+            other = fms_by.get(key, [])
+            if key and len(found) == 1 and len(other) == 1:
+                out.append((*found[0], *other[0]))
     return out
 
 
@@ -290,6 +319,8 @@ def covering_module(model: nn.Module, paths: list[str]) -> nn.Module:
     paths = [p for p in dict.fromkeys(paths) if not any(p != q and p.startswith(q + ".") for q in paths)]
     if len(paths) == 1:
         return model.get_submodule(paths[0])
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    paths.sort(key=lambda p: order.get(p, len(order)))  # the model's own module order: leaves pair in order
     parts = [p.split(".") for p in paths]
     common = 0
     while all(len(x) > common + 1 and x[common] == parts[0][common] for x in parts):
@@ -308,7 +339,8 @@ def rotary_diffs(hf_rotary: nn.Module, fms_rotary: Any, hf_path: str, fms_path: 
     rotated width when that differs. Empty when they agree (rtol 1e-6) or a side has no such attributes."""
     inv = getattr(hf_rotary, "inv_freq", None)
     scaling = getattr(fms_rotary, "rope_scaling", None)
-    if not isinstance(inv, torch.Tensor) or not callable(getattr(scaling, "compute_scaled_freqs", None)):
+    if not isinstance(inv, torch.Tensor) or inv.is_meta or not callable(getattr(scaling, "compute_scaled_freqs",
+                                                                                   None)):
         return []
     try:
         fms_freqs = scaling.compute_scaled_freqs("cpu", 1)
@@ -355,18 +387,26 @@ def _under(key: str, paths: list[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in paths if p)
 
 
-def _checkpoint_keys(folder: str, hf_paths: list[str]) -> set[str]:
-    """The names the folder stores the HF model's tensors under ``hf_paths`` by: transformers saves a layout of its
-    own (``revert_weight_conversion``: Granite Speech's ``model.language_model.layers.1...`` is written as
-    ``language_model.model...``), so the runtime names of a meta-device build of the folder's class are reverted."""
+def meta_reference(folder: str) -> nn.Module:
+    """The HF model of a checkpoint folder built on the meta device from its config.json: every module with its
+    configuration and no weight, for explanations once the real HF model was freed (one model at a time)."""
     import transformers
-    from transformers.core_model_loading import revert_weight_conversion
 
     from fms_granite_speech.folder import read_config_json
 
     config = transformers.AutoConfig.for_model(**read_config_json(folder))
     with torch.device("meta"):
-        skeleton = getattr(transformers, config.architectures[0])(config)
+        return getattr(transformers, config.architectures[0])(config).eval()
+
+
+def _checkpoint_keys(folder: str, hf_paths: list[str], skeleton: Optional[nn.Module] = None) -> set[str]:
+    """The names the folder stores the HF model's tensors under ``hf_paths`` by: transformers saves a layout of its
+    own (``revert_weight_conversion``: Granite Speech's ``model.language_model.layers.1...`` is written as
+    ``language_model.model...``), so the runtime names of a meta-device build of the folder's class
+    (``meta_reference``) are reverted."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    skeleton = skeleton if skeleton is not None else meta_reference(folder)
     state = {k: t for k, t in skeleton.state_dict().items() if _under(k, hf_paths)}
     return set(revert_weight_conversion(skeleton, state)) if state else set()
 

@@ -290,4 +290,35 @@ def test_one_model_at_a_time_compares_the_weights_from_the_checkpoint_folder(mon
     first = result.first_failure()
     assert first is not None and first.name == "decoder.layers.1.attn"
     assert "row 0 holds what FMS's adapter puts at row 1" in first.explanation["text"], first.explanation
-    assert first.explanation["note"].endswith("weights compared from the checkpoint folder")
+    assert first.explanation["note"].endswith("weights read from the checkpoint folder")
+
+
+@pytest.mark.parametrize("plant, layer, words", [
+    (_bn_eps, "encoder.blocks.1.conv", "encoder.blocks.1.conv.batch_norm: eps 1e-05 on HF (batch_norm), 0.1 on FMS"),
+    (lambda m: setattr(m.encoder.blocks[5].conv.depthwise, "dilation", (2,)), "encoder.blocks.5.conv",
+     "encoder.blocks.5.conv.depthwise: dilation (1,) on HF (depth_conv.conv), (2,) on FMS (depthwise)"),
+    (lambda m: setattr(m.decoder.config, "logits_scaling", 4.0), "logits",
+     "logits: logits_scaling 8.0 on HF (text_config.logits_scaling), 4.0 on FMS"),
+], ids=["batchnorm_eps", "conv_dilation", "logits_scaling"])
+def test_one_model_at_a_time_compares_attributes_on_a_meta_build_of_hf(monkeypatch, plant, layer, words):
+    """HF freed: its modules' configuration comes from a meta-device build of the checkpoint folder's class, paired
+    with FMS's by class (FMS's BatchNorm1d subclass included) and, where a class repeats, by parameter shapes."""
+    import torch
+
+    import fms_granite_speech.checkpoint as checkpoint
+
+    real = checkpoint.load_checkpoint
+
+    def planted(*args, **kwargs):
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            plant(model)
+        return model
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", planted)
+    pair = build_pair("tiny", memory="sequential")
+    result = run_parity(pair, build_inputs(pair), layers=[layer.split(".")[0]])
+    first = result.first_failure()
+    assert first is not None and first.name == layer, result.first_divergent
+    assert words in first.explanation["text"], first.explanation["text"]
+    assert first.explanation["note"].startswith("HF was freed (one model at a time): attributes compared on a meta")
