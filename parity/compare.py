@@ -468,7 +468,8 @@ def _explain_one(pair, fms, p: LayerPair, ref: "_Reference", reference):
     if (pair.hf is not None or folder is not None) and pair.distributed is None and p.hf:
         try:  # the row's FMS tensors against what FMS's own adapter makes of HF's tensors under the row (read
             # from the checkpoint folder when HF was freed)
-            weights = weight_diffs(pair.hf, fms, [p.hf, *covers], p.fms, ARCHITECTURE, folder=folder)
+            weights = weight_diffs(pair.hf, fms, [p.hf, *covers], p.fms, ARCHITECTURE, folder=folder,
+                                   skeleton=hf_model if from_folder else None)
         except Exception as err:  # noqa: BLE001 - FMS's loader on a partial state dict: a note, not a crash
             weights_note = f"weights not compared: {_first_line(err)}"
     extra = []

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from parity._tree import map_tensors
+from parity.pathmap import _covered
 
 __all__ = ["AttributeDiff", "Explanation", "OpError", "attribute_diffs", "config_diffs", "covering_module",
            "expected_weights", "explain_row", "kernel_differences", "meta_reference", "op_errors", "record",
@@ -383,10 +384,6 @@ def config_diffs(hf_config: Any, hf_path: str, fms_configs: dict[str, Any], keys
 # -- weights ------------------------------------------------------------------------------------------------------------
 
 
-def _under(key: str, paths: list[str]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in paths if p)
-
-
 def meta_reference(folder: str) -> nn.Module:
     """The HF model of a checkpoint folder built on the meta device from its config.json: every module with its
     configuration and no weight, for explanations once the real HF model was freed (one model at a time)."""
@@ -407,19 +404,21 @@ def _checkpoint_keys(folder: str, hf_paths: list[str], skeleton: Optional[nn.Mod
     from transformers.core_model_loading import revert_weight_conversion
 
     skeleton = skeleton if skeleton is not None else meta_reference(folder)
-    state = {k: t for k, t in skeleton.state_dict().items() if _under(k, hf_paths)}
+    state = {k: t for k, t in skeleton.state_dict().items() if _covered(k, hf_paths)}
     return set(revert_weight_conversion(skeleton, state)) if state else set()
 
 
-def _folder_tensors(folder: str, hf_paths: list[str], adapter: bool) -> dict[str, torch.Tensor]:
-    """The tensors of an HF checkpoint folder that lie under ``hf_paths`` (``_checkpoint_keys``; the adapter file's
-    peft names are runtime names behind ``base_model.model.``), read with safetensors, nothing else of the folder."""
+def _folder_tensors(folder: str, hf_paths: list[str], adapter: bool,
+                    skeleton: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+    """The tensors of an HF checkpoint folder that lie under ``hf_paths`` (``_checkpoint_keys``, with ``skeleton``
+    the folder's ``meta_reference`` when the caller has it; the adapter file's peft names are runtime names behind
+    ``base_model.model.``), read with safetensors, nothing else of the folder."""
     from safetensors import safe_open
 
     from fms_granite_speech.folder import check_safetensors_folder
 
     files, adapter_file = check_safetensors_folder(folder, for_glob=True)
-    wanted = _checkpoint_keys(folder, hf_paths)
+    wanted = _checkpoint_keys(folder, hf_paths, skeleton)
     out = {}
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as handle:
@@ -427,27 +426,30 @@ def _folder_tensors(folder: str, hf_paths: list[str], adapter: bool) -> dict[str
     if adapter and adapter_file is not None:
         with safe_open(str(adapter_file), framework="pt", device="cpu") as handle:
             out.update((k, handle.get_tensor(k)) for k in handle.keys()
-                       if _under(k.removeprefix("base_model.model."), hf_paths))
+                       if _covered(k.removeprefix("base_model.model."), hf_paths))
     return out
 
 
 def expected_weights(hf: Optional[nn.Module], fms: nn.Module, hf_paths: list[str], architecture: str,
-                     source: str = "hf", folder: Optional[str] = None) -> dict[str, torch.Tensor]:
+                     source: str = "hf", folder: Optional[str] = None,
+                     skeleton: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
     """What FMS's own checkpoint adapter makes of the HF tensors under ``hf_paths``: a shadow of ``fms`` built on the
     meta device from its config, given only those tensors through ``fms.utils.serialization.
     load_state_dict_into_model`` (the loader every checkpoint goes through), then, where ``fms`` has its LoRA
     adapter merged (``adapter_enabled``), the adapter merged into the shadow's rows exactly as ``set_adapter`` merges
     it (``base`` in float32 plus ``(alpha / r) B @ A``, cast to the weight's dtype). The HF tensors come from the
     model ``hf``'s state dict, or, when ``hf`` is None (one model at a time: HF was freed), from the checkpoint
-    ``folder`` it was built from (``_folder_tensors``). Returns FMS parameter and buffer names -> tensors (only those
+    ``folder`` it was built from (``_folder_tensors``; ``skeleton``: the folder's ``meta_reference`` if already
+    built). Returns FMS parameter and buffer names -> tensors (only those
     the HF tensors filled), in ``fms``'s dtypes."""
     from fms.utils.serialization import load_state_dict_into_model
 
     if hf is not None:
         state = hf.state_dict()
-        given = {k: state[k] for k in state if _under(k, hf_paths)}
+        given = {k: state[k] for k in state if _covered(k, hf_paths)}
     elif folder is not None:
-        given = _folder_tensors(folder, hf_paths, adapter=getattr(fms.config, "lora", None) is not None)
+        given = _folder_tensors(folder, hf_paths, adapter=getattr(fms.config, "lora", None) is not None,
+                                skeleton=skeleton)
     else:
         return {}
     if not given:
@@ -569,14 +571,15 @@ def weight_diff(name: str, got: torch.Tensor, want: torch.Tensor,
 
 
 def weight_diffs(hf: Optional[nn.Module], fms: nn.Module, hf_paths: list[str], fms_path: str, architecture: str,
-                 source: str = "hf", folder: Optional[str] = None) -> Optional[list[str]]:
+                 source: str = "hf", folder: Optional[str] = None,
+                 skeleton: Optional[nn.Module] = None) -> Optional[list[str]]:
     """One line per FMS tensor of the row (``fms_path``, and the LoRA tensors the row's HF tensors fill) that is not
     what FMS's adapter makes of the HF tensors under ``hf_paths`` (``expected_weights``, ``weight_diff``): the
     conversion bugs no configuration attribute shows (RoPE rows permuted twice, the halves of a fused gate/up
     swapped, a scale folded in twice). None when no tensor of the row could be compared (the HF tensors under
     ``hf_paths`` were not found, or the adapter filled none of the row's)."""
     lines = []
-    expected = expected_weights(hf, fms, hf_paths, architecture, source, folder=folder)
+    expected = expected_weights(hf, fms, hf_paths, architecture, source, folder=folder, skeleton=skeleton)
     params = dict(fms.named_parameters())
     compared = 0
     for name, want in expected.items():

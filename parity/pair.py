@@ -246,8 +246,7 @@ class ModelPair:
         from fms_granite_speech.checkpoint import load_checkpoint
 
         if self.distributed != "tp":
-            folder = self.checkpoint if self.checkpoint is not None else (
-                self._folder.name if self.hf is None and self._folder is not None else None)
+            folder = self.weights_folder() if self.checkpoint is not None or self.hf is None else None
             if folder is not None:
                 return load_checkpoint(folder, dtype=self.dtype, device=self.device,
                                        fused_weights=self.fused_weights).eval()
